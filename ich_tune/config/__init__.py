@@ -1,0 +1,107 @@
+"""Experiment and search files: YAML -> checked tree -> typed config (or a Ray Tune space)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ich_tune.config.loader import load_tree, parse_yaml, set_path
+from ich_tune.config.markers import Dimension, find_dimensions, grid_points, substitute
+from ich_tune.config.schema import ExperimentConfig, Origins, SearchConfig, build, where
+from ich_tune.errors import ConfigError
+
+__all__ = ["ExperimentConfig", "Search", "SearchConfig", "build_experiment", "load_experiment",
+           "load_search", "parse_overrides"]
+
+SEARCH_KEYS = {f.name for f in dataclasses.fields(SearchConfig)}
+
+
+def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
+    """`--set model.dropout=0.2` pairs, each value read as YAML (so 0.2 is a number)."""
+    parsed = []
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set {pair}: expected KEY.PATH=VALUE, e.g. --set model.dropout=0.2.")
+        value, _ = parse_yaml(text, f"--set {pair}")
+        parsed.append((key, value))
+    return parsed
+
+
+def build_experiment(tree: dict, origins: Origins) -> ExperimentConfig:
+    """A typed experiment from a tree without markers."""
+    return build(ExperimentConfig, tree, origins)
+
+
+def load_experiment(path: Path, overrides: list[str] = ()) -> tuple[ExperimentConfig, dict]:
+    """A single-run experiment file: its typed config and its resolved tree."""
+    tree, origins = load_tree(path)
+    for key, value in parse_overrides(list(overrides)):
+        set_path(tree, origins, key, value, f"--set {key}")
+    dims = find_dimensions(tree, origins)
+    if dims:
+        raise ConfigError(f"{where(dims[0].path, origins)}: a search marker ({dims[0].kind}) in an "
+                          "experiment file; run it as a search (`ich_tune run`) or give one value.")
+    return build_experiment(tree, origins), tree
+
+
+@dataclass
+class Search:
+    """A resolved search file: its settings, and the experiment tree whose markers it explores."""
+
+    path: Path
+    config: SearchConfig
+    experiment: dict  # with markers, and the search's step budget written into `train`
+    origins: Origins
+    dimensions: list[Dimension]
+
+    @property
+    def name(self) -> str:
+        return self.config.name or self.path.stem
+
+    @property
+    def grid_points(self) -> int:
+        return grid_points(self.dimensions)
+
+    @property
+    def num_trials(self) -> int:
+        """Trials the search will run (grid points x samples)."""
+        return self.grid_points * self.config.num_samples
+
+    def trial_experiment(self, values: dict[str, Any]) -> ExperimentConfig:
+        return build_experiment(substitute(self.experiment, values), self.origins)
+
+
+def load_search(path: Path, overrides: list[str] = ()) -> Search:
+    """A search file, checked through: every value a trial may see is type-checked now."""
+    path = Path(path)
+    tree, origins = load_tree(path)
+    for key, value in parse_overrides(list(overrides)):
+        if key.split(".")[0] not in SEARCH_KEYS:
+            key = f"experiment.{key}"
+        set_path(tree, origins, key, value, f"--set {key.removeprefix('experiment.')}")
+    config = build(SearchConfig, tree, origins)
+    experiment = dict(config.experiment)
+    origins = {k.removeprefix("experiment."): v for k, v in origins.items()
+               if k.startswith("experiment.")} | {"": origins.get("experiment", str(path))}
+    budget = {"max_steps": config.num_train_steps, "val_batches": config.num_val_steps,
+              "val_interval": config.val_interval}
+    for key, value in budget.items():
+        if value is not None:
+            set_path(experiment, origins, f"train.{key}", value, f"{path}: search budget")
+    dimensions = find_dimensions(experiment, origins)
+    if config.search_alg.name == "optuna":
+        for dim in dimensions:
+            if dim.kind == "grid_search":
+                raise ConfigError(f"{where(dim.path, origins)}: the optuna search algorithm cannot "
+                                  f"take grid_search; write `choice: {list(dim.args)}` instead, "
+                                  "or use search_alg.name: grid.")
+    search = Search(path, config, experiment, origins, dimensions)
+    firsts = {d.path: d.candidates()[0] for d in dimensions}
+    search.trial_experiment(firsts)
+    for dim in dimensions:
+        for value in dim.candidates()[1:]:
+            search.trial_experiment(firsts | {dim.path: value})
+    return search
