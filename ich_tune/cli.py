@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -52,6 +54,103 @@ def cmd_show_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment(args: argparse.Namespace):
+    """The experiment file with --set and --data-root applied."""
+    from ich_tune.config import load_experiment
+
+    overrides = list(args.overrides)
+    if getattr(args, "data_root", None):
+        overrides.append(f"data.root={json.dumps(str(args.data_root))}")
+    return load_experiment(args.file, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from ich_tune.data.prepare import prepare_cache
+    from ich_tune.metrics import format_metrics
+    from ich_tune.train import train
+
+    config, _ = _experiment(args)
+    out = args.out or Path("runs/train") / f"{args.file.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(_yaml(dataclasses.asdict(config)))
+    started = time.perf_counter()
+    cache = prepare_cache(config.data)
+    outcome = train(config, cache, out)
+    torch.save(outcome.model.state_dict(), out / "weights.pt")
+    print(f"\nvalidation after {outcome.steps} steps ({time.perf_counter() - started:.0f} s in all):")
+    print(format_metrics(outcome.metrics))
+    print(f"\nweights: {out / 'weights.pt'}\nconfig:  {out / 'config.yaml'}\n"
+          f"curves:  tensorboard --logdir {out}")
+    return 0
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from ich_tune.data.cache import open_cache
+    from ich_tune.data.prepare import prepare_cache
+
+    config, _ = _experiment(args)
+    path = prepare_cache(config.data)
+    cache = open_cache(path)
+    manifest = cache.manifest
+    print(f"cache: {path}\n{manifest['decoded']} of {manifest['images']} slices decoded, "
+          f"{len(manifest['skipped'])} skipped, {manifest['bytes'] / 2**20:.1f} MiB, "
+          f"shape {list(cache.images.shape)} {cache.images.dtype}")
+    return 0
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from ich_tune.data.synthetic import generate
+
+    summary = generate(args.out, studies=args.studies, slices=args.slices, size=args.size,
+                       seed=args.seed, positive_rate=args.positive_rate, quirk_rate=args.quirk_rate)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ich_tune.config import load_search
+    from ich_tune.search import RunOptions, run_search
+
+    search = load_search(args.file, args.overrides)
+    options = RunOptions(data_root=args.data_root, address=args.address, resume=args.resume,
+                         tracking_uri=args.tracking_uri, name=args.name, num_gpus=args.num_gpus)
+    started = time.perf_counter()
+    outcome = run_search(search, options)
+    print(f"\n{len(outcome.trials)} trials in {time.perf_counter() - started:.0f} s")
+    print(trials_table(outcome.trials))
+    if outcome.best is None:
+        print("no trial reported the metric; see the errors above.", file=sys.stderr)
+        return 1
+    best = outcome.best
+    print(f"\nbest: trial {best['trial_id']}, {best['metric']} {best['best']:.4f} "
+          f"({', '.join(f'{k}={v}' for k, v in best['params'].items())})")
+    print(f"  checkpoint: {best['checkpoint']}")
+    print(f"  MLflow parent run {outcome.parent_run_id}: artifacts best/weights.pt, best/config.yaml, "
+          f"trials.csv, model (mlflow.pytorch.load_model('runs:/{outcome.parent_run_id}/model'))")
+    print(f"  compare trials: mlflow ui --backend-store-uri {outcome.tracking_uri}")
+    finished = [t for t in outcome.trials if t["status"] == "finished"]
+    return 0 if finished else 1
+
+
+def trials_table(rows: list[dict]) -> str:
+    """A terminal table of trials: config values, steps, best metric, how each ended."""
+    if not rows:
+        return "(no trials)"
+    params = sorted({k for row in rows for k in row["params"]})
+    header = ["trial", *params, "steps", f"best {rows[0]['metric']}", "ended"]
+    lines = []
+    for row in sorted(rows, key=lambda r: r["trial_id"]):
+        ended = "error" if row["status"] == "error" else ("stopped early" if row["stopped_early"]
+                                                          else "finished")
+        lines.append([row["trial_id"], *(f"{row['params'].get(p)}" for p in params), str(row["steps"]),
+                      f"{row['best']:.4f}", ended])
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *lines, strict=True)]
+    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True))
+                     for line in [header, *lines])
+
+
 def _resources(res: object) -> str:
     text = f"{res.cpu:g} CPU, {res.gpu:g} GPU"
     if 0 < res.gpu < 1:
@@ -73,6 +172,39 @@ def build_parser() -> argparse.ArgumentParser:
     show = verbs.add_parser("show-config", help="print a resolved experiment or search file")
     _add_config_args(show, "experiment or search")
     show.set_defaults(func=cmd_show_config)
+
+    train = verbs.add_parser("train", help="train one experiment, no Ray")
+    _add_config_args(train, "experiment")
+    train.add_argument("--data-root", type=Path, help="RSNA-layout folder (sets data.root)")
+    train.add_argument("--out", type=Path, help="output folder (default runs/train/NAME-TIME)")
+    train.set_defaults(func=cmd_train)
+
+    pre = verbs.add_parser("preprocess", help="build the preprocessed cache of an experiment's data")
+    _add_config_args(pre, "experiment")
+    pre.add_argument("--data-root", type=Path, help="RSNA-layout folder (sets data.root)")
+    pre.set_defaults(func=cmd_preprocess)
+
+    run = verbs.add_parser("run", help="run a hyperparameter search with Ray Tune")
+    _add_config_args(run, "search")
+    run.add_argument("--data-root", type=Path, help="RSNA-layout folder (sets data.root)")
+    run.add_argument("--address", help="join this Ray cluster instead of starting one (e.g. auto)")
+    run.add_argument("--resume", action="store_true", help="continue the latest (or --name) run")
+    run.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite in the storage folder)")
+    run.add_argument("--name", help="run folder under <storage>/<search>/ (default: a timestamp)")
+    run.add_argument("--num-gpus", type=int, help="GPUs a local Ray declares (default: detected)")
+    run.set_defaults(func=cmd_run)
+
+    demo = verbs.add_parser("demo-data", help="write synthetic RSNA-layout DICOM data")
+    demo.add_argument("--out", type=Path, required=True, help="folder to write")
+    demo.add_argument("--studies", type=int, default=40)
+    demo.add_argument("--slices", type=int, default=24, help="slices per study")
+    demo.add_argument("--size", type=int, default=256, help="image size in pixels")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--positive-rate", type=float, default=0.144,
+                      help="fraction of slices with a bleed (RSNA: 0.144)")
+    demo.add_argument("--quirk-rate", type=float, default=0.05,
+                      help="fraction of files with an RSNA DICOM quirk")
+    demo.set_defaults(func=cmd_demo_data)
     return parser
 
 

@@ -40,7 +40,7 @@ class DataConfig:
     cache_dir: str | None = None  # default: <root>/.ich_tune_cache
     full_size: int = bounded(512, 16)  # every slice is first brought to this size ...
     lod: int = bounded(0, 0, 6)  # ... then halved `lod` times (the original's level of detail)
-    channels: str | list[str | dict[str, float]] = "hu"  # "hu" or named/custom windows
+    channels: str | list[str | dict[str, float | str]] = "hu"  # "hu" or named/custom windows
     train_fraction: float = bounded(0.7, 0.0, 1.0)  # the original's data split
     split_seed: int = 0
     folds: int = bounded(0, 0)  # 0: one train/val split; k: k-fold by patient
@@ -100,7 +100,6 @@ class TrainConfig:
     deterministic: bool = False
     threads: int | None = bounded(None, 1)  # torch CPU threads; None = the CPUs given to the run
     cuda_memory_fraction: float | None = bounded(None, 0.0, 1.0)
-    checkpoint_interval: int | None = bounded(None, 1)  # default: every validation
 
 
 @dataclass

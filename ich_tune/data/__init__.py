@@ -1,0 +1,1 @@
+"""RSNA data: labels CSV, DICOM slices to Hounsfield units, window channels and resizing."""

@@ -1,0 +1,212 @@
+"""The preprocessed cache: every slice decoded once into a memory-mapped array at the target size.
+
+Reading DICOM, converting to HU and resizing costs milliseconds per slice; a search reads each slice
+thousands of times. So the driver decodes once, in parallel, into `images.npy`, and every trial
+maps it read-only: the trials of a node share one copy in the page cache.
+
+Layout of `<cache_dir>/<key>/`: images.npy [N, C, S, S] (uint8 windows or float16 HU),
+index.npz (ids, labels, patient/study/series, z, valid), manifest.json. The key hashes the data
+root, a fingerprint of its files and every preprocessing parameter, so a change builds a new cache
+and never reads a stale one. A build writes into a temporary folder renamed into place at the end,
+under a file lock, so an interrupted build never looks complete and two builds do not collide.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ich_tune.config.schema import DataConfig
+from ich_tune.data.channels import channel_dtype, parse_channels, to_channels
+from ich_tune.data.dicom import DicomError, image_id, read_header, read_hu
+from ich_tune.data.labels import read_labels
+from ich_tune.errors import DataError
+from ich_tune.progress import Progress
+
+CACHE_VERSION = 1
+TRAIN_DIR = "stage_2_train"
+LABELS_CSV = "stage_2_train.csv"
+
+
+@dataclass
+class Cache:
+    """An opened cache: images stay on disk (read-only map); the index is small and in memory."""
+
+    path: Path
+    images: np.ndarray  # [N, C, S, S] memmap
+    labels: np.ndarray  # [N, 6] uint8
+    ids: np.ndarray
+    patient_ids: np.ndarray
+    study_uids: np.ndarray
+    series_uids: np.ndarray
+    z: np.ndarray
+    valid: np.ndarray  # False where the slice could not be decoded
+    manifest: dict
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ich_tune"
+
+
+def find_dicom_files(root: Path) -> dict[str, Path]:
+    """image id -> file, for stage_2_train/ID_*.dcm and .dcm.gz."""
+    folder = root / TRAIN_DIR
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder. data.root must hold the Kaggle layout "
+                        f"({TRAIN_DIR}/ID_<hex>.dcm and {LABELS_CSV}).")
+    files = {}
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.startswith("ID_") and entry.name.endswith((".dcm", ".dcm.gz")):
+                files[image_id(entry.name)] = Path(entry.path)
+    return files
+
+
+def cache_params(cfg: DataConfig, root: Path) -> dict:
+    """Everything that changes the cache's bytes."""
+    return {
+        "version": CACHE_VERSION,
+        "root": str(root.resolve()),
+        "size": cfg.size,
+        "channels": [dataclasses.asdict(c) for c in parse_channels(cfg.channels)],
+        "max_images": cfg.max_images,
+    }
+
+
+def source_fingerprint(root: Path, files: dict[str, Path]) -> dict:
+    """Sizes and modification times of the labels and the DICOM files, hashed: cheap to recompute."""
+    digest = hashlib.sha256()
+    total = 0
+    for name in sorted(files):
+        stat = files[name].stat()
+        total += stat.st_size
+        digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    csv = (root / LABELS_CSV).stat()
+    return {"files": len(files), "bytes": total, "csv_bytes": csv.st_size,
+            "csv_mtime_ns": csv.st_mtime_ns, "sha256": digest.hexdigest()}
+
+
+def ensure_cache(cfg: DataConfig, root: Path, log=print) -> Path:
+    """The cache folder for these data and parameters, built first if it does not exist yet."""
+    files = find_dicom_files(root)
+    if not (root / LABELS_CSV).is_file():
+        raise DataError(f"{root / LABELS_CSV}: no such file; data.root must hold the Kaggle labels CSV.")
+    params = cache_params(cfg, root)
+    fingerprint = source_fingerprint(root, files)
+    key = hashlib.sha256(json.dumps([params, fingerprint], sort_keys=True).encode()).hexdigest()[:16]
+    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    final = cache_dir / key
+    if (final / "manifest.json").is_file():
+        return final
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second builder waits here, then finds it complete
+        if (final / "manifest.json").is_file():
+            return final
+        for stale in cache_dir.glob(f"{key}.partial-*"):  # left by a build that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        partial = cache_dir / f"{key}.partial-{os.getpid()}"
+        try:
+            _build(cfg, root, files, partial, params, fingerprint, log)
+            os.rename(partial, final)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    return final
+
+
+def _build(cfg: DataConfig, root: Path, files: dict[str, Path], out: Path, params: dict,
+           fingerprint: dict, log) -> None:
+    started = time.perf_counter()
+    labels = read_labels(root / LABELS_CSV)
+    keep = np.array([i in files for i in labels.ids], dtype=bool)
+    missing = [str(i) for i in labels.ids[~keep]]
+    ids, y = labels.ids[keep], labels.y[keep]
+    if cfg.max_images:
+        ids, y = ids[: cfg.max_images], y[: cfg.max_images]
+    if len(ids) == 0:
+        raise DataError(f"{root}: none of the {len(labels.ids)} labelled images has a file in {TRAIN_DIR}/.")
+    channels = parse_channels(cfg.channels)
+    out.mkdir(parents=True)
+    shape = (len(ids), len(channels), cfg.size, cfg.size)
+    np.lib.format.open_memmap(out / "images.npy", mode="w+", dtype=channel_dtype(channels), shape=shape)
+    paths = [str(files[i]) for i in ids]
+    workers = cfg.workers or os.cpu_count() or 1
+    log(f"preprocess: {len(ids)} slices of {root} -> {out.parent} "
+        f"({len(channels)}x{cfg.size}x{cfg.size} {channel_dtype(channels).name}, {workers} processes)")
+    headers: list = [None] * len(ids)
+    skipped: dict[str, str] = {i: "no DICOM file" for i in missing}
+    chunks = [(str(out / "images.npy"), start, paths[start:start + 64], cfg.channels, cfg.size)
+              for start in range(0, len(paths), 64)]
+    progress = Progress(len(paths), "preprocess")
+    context = multiprocessing.get_context("forkserver")
+    with context.Pool(workers, initializer=_init_worker) as pool:
+        for results in pool.imap_unordered(_decode_chunk, chunks):
+            for index, header, reason in results:
+                headers[index] = header
+                if reason:
+                    skipped[str(ids[index])] = reason
+            progress.update(len(results))
+    seconds = progress.close()
+    bad = [h is None for h in headers]
+    if sum(bad) > cfg.max_bad_fraction * len(ids):
+        examples = "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:3])
+        raise DataError(f"{root}: {sum(bad)} of {len(ids)} slices could not be decoded, more than "
+                        f"data.max_bad_fraction={cfg.max_bad_fraction}. First: {examples}. Fix the files "
+                        "or raise data.max_bad_fraction.")
+    blank = ("", "", "", float("nan"))
+    rows = [h[1:] if h else blank for h in headers]
+    np.savez(out / "index.npz", ids=ids, labels=y, valid=~np.array(bad),
+             patient_ids=np.array([r[0] for r in rows]), study_uids=np.array([r[1] for r in rows]),
+             series_uids=np.array([r[2] for r in rows]), z=np.array([r[3] for r in rows], dtype=np.float64))
+    manifest = {
+        "params": params, "fingerprint": fingerprint, "images": len(ids), "decoded": len(ids) - sum(bad),
+        "skipped": skipped, "labelled_without_file": len(missing),
+        "bytes": (out / "images.npy").stat().st_size, "seconds": round(time.perf_counter() - started, 2),
+        "decode_seconds": round(seconds, 2), "built": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    if skipped:
+        log(f"preprocess: skipped {len(skipped)} images (listed in {out.parent}/<key>/manifest.json)")
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one process per core already
+
+
+def _decode_chunk(task: tuple) -> list[tuple[int, tuple | None, str | None]]:
+    images_path, start, paths, channel_spec, size = task
+    images = np.load(images_path, mmap_mode="r+")
+    channels = parse_channels(channel_spec)
+    results = []
+    for offset, path in enumerate(paths):
+        index = start + offset
+        try:
+            header = read_header(path)
+            images[index] = to_channels(read_hu(path), channels, size)
+            results.append((index, dataclasses.astuple(header), None))
+        except DicomError as err:
+            results.append((index, None, err.reason))
+    images.flush()
+    return results
+
+
+def open_cache(path: Path) -> Cache:
+    """Open a built cache read-only (images memory-mapped, never copied)."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    index = np.load(path / "index.npz")
+    return Cache(path=path, images=np.load(path / "images.npy", mmap_mode="r"),
+                 labels=index["labels"], ids=index["ids"], patient_ids=index["patient_ids"],
+                 study_uids=index["study_uids"], series_uids=index["series_uids"], z=index["z"],
+                 valid=index["valid"], manifest=manifest)

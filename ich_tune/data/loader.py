@@ -1,0 +1,96 @@
+"""Batches from the cache: shuffled training batches, a fixed validation order.
+
+Batches are gathered straight from the memory-mapped array in the training process (a sorted
+fancy index: sequential page reads, one copy). No worker processes: with decoding done once,
+this is faster than pickling batches between processes, and trials sharing a machine stay light.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ich_tune.data.cache import Cache
+
+
+def gather(cache: Cache, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (storage dtype) and float labels for the given slice indices."""
+    order = np.sort(indices)
+    return torch.from_numpy(cache.images[order]), torch.from_numpy(cache.labels[order].astype(np.float32))
+
+
+class TrainBatches:
+    """An endless stream of training batches: a fresh shuffle every epoch, last partial batch dropped.
+
+    With `balanced`, slices are drawn with weights that give every class (and "no bleed") the same
+    expected share, instead of shuffling each slice once per epoch.
+    """
+
+    def __init__(self, cache: Cache, indices: np.ndarray, batch_size: int, seed: int,
+                 balanced: bool = False, augment: bool = False) -> None:
+        if len(indices) < batch_size:
+            raise ValueError(f"{len(indices)} training slices cannot fill a batch of {batch_size}")
+        self.cache, self.indices, self.batch_size = cache, indices, batch_size
+        self.augment = augment
+        self.rng = np.random.default_rng(seed)
+        self.weights = class_balanced_weights(cache.labels[indices]) if balanced else None
+        self.batches_per_epoch = len(indices) // batch_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            if self.weights is not None:
+                picks = self.rng.choice(len(self.indices), size=self.batches_per_epoch * self.batch_size,
+                                        p=self.weights)
+            else:
+                picks = self.rng.permutation(len(self.indices))
+            for b in range(self.batches_per_epoch):
+                chosen = self.indices[picks[b * self.batch_size:(b + 1) * self.batch_size]]
+                images, labels = gather(self.cache, chosen)
+                yield (random_flip_affine(images, self.rng) if self.augment else images), labels
+
+    def state(self) -> dict:
+        """The sampler's random state, so a resumed run draws the same batches."""
+        return self.rng.bit_generator.state
+
+    def load_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state
+
+
+def validation_batches(cache: Cache, indices: np.ndarray, batch_size: int,
+                       max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The validation split in a fixed order (the first `max_batches` batches of it)."""
+    count = math.ceil(len(indices) / batch_size)
+    if max_batches:
+        count = min(count, max_batches)
+    for b in range(count):
+        yield gather(cache, indices[b * batch_size:(b + 1) * batch_size])
+
+
+def class_balanced_weights(labels: np.ndarray) -> np.ndarray:
+    """Sampling weights: each slice weighs 1/frequency of its rarest label (or of "no bleed")."""
+    groups = np.concatenate([labels, (labels.sum(axis=1) == 0)[:, None]], axis=1).astype(bool)
+    frequency = groups.mean(axis=0)
+    inverse = np.where(frequency > 0, 1.0 / np.maximum(frequency, 1e-12), 0.0)
+    weights = (groups * inverse).max(axis=1)
+    return weights / weights.sum()
+
+
+def random_flip_affine(images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Light augmentation: left-right flips and small rotations, scalings and shifts."""
+    dtype = images.dtype
+    x = images.float()
+    n = x.shape[0]
+    angle = torch.from_numpy(rng.uniform(-0.15, 0.15, n)).float()  # about +-9 degrees
+    scale = torch.from_numpy(rng.uniform(0.9, 1.1, n)).float()
+    shift = torch.from_numpy(rng.uniform(-0.05, 0.05, (n, 2))).float()
+    flip = torch.from_numpy(np.where(rng.random(n) < 0.5, -1.0, 1.0)).float()
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], 1),
+                         torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.round().clamp(0, 255).to(dtype) if dtype == torch.uint8 else out.to(dtype)

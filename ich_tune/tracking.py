@@ -1,0 +1,181 @@
+"""MLflow records of a search: one parent run per search, one nested child run per trial.
+
+Only the driver talks to MLflow (a Tune callback), so it works the same on a multi-node cluster.
+MLflow itself is the source of truth for what was already logged: on resume, the parent run is
+found by its tag and each trial's child run by the trial id, so nothing is created twice and
+replayed steps are not logged twice.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+TAG_SEARCH_DIR = "ich_tune.search_dir"
+TAG_TRIAL_ID = "ich_tune.trial_id"
+TAG_PARENT = "mlflow.parentRunId"
+TAG_STOPPED_EARLY = "ich_tune.stopped_early"
+
+
+def default_tracking_uri(storage: Path) -> str:
+    return f"sqlite:///{(storage / 'mlflow.db').resolve()}"
+
+
+def experiment_id(client: MlflowClient, name: str, artifact_root: Path) -> str:
+    """The MLflow experiment of a search name; created with artifacts beside the database."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    return client.create_experiment(name, artifact_location=(artifact_root / name).resolve().as_uri())
+
+
+def parent_run(client: MlflowClient, exp_id: str, search_dir: Path, run_name: str,
+               tags: dict[str, str]) -> str:
+    """The search's parent run: the existing one for this Ray experiment folder, or a new one."""
+    runs = client.search_runs([exp_id], f"tags.`{TAG_SEARCH_DIR}` = '{search_dir}'", max_results=1)
+    if runs:
+        client.update_run(runs[0].info.run_id, status="RUNNING")
+        return runs[0].info.run_id
+    run = client.create_run(exp_id, run_name=run_name, tags={TAG_SEARCH_DIR: str(search_dir), **tags})
+    return run.info.run_id
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"model": {"dropout": 0.1}} -> {"model.dropout": 0.1}."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def numeric(result: dict) -> dict[str, float]:
+    """The reported numbers worth keeping: our metrics, not Ray's bookkeeping or text."""
+    keep = {}
+    for key, value in result.items():
+        if (key.startswith("val_") or key in ("epoch", "seed", "diverged", "time_total_s")) and \
+                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            keep[key] = float(value)
+    return keep
+
+
+class MlflowTrials(tune.Callback):
+    """A child run per trial under the search's parent run, every reported metric at its step."""
+
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, budget: int) -> None:
+        self.tracking_uri, self.experiment_id = tracking_uri, experiment_id
+        self.parent_run_id, self.budget = parent_run_id, budget
+        self.client: MlflowClient | None = None
+        self.runs: dict[str, str] = {}  # trial id -> child run id
+        self.last_step: dict[str, int] = {}  # trial id -> last step logged
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "client": None}  # pickled with the Tuner's state; clients are not
+
+    def setup(self, **info: Any) -> None:
+        self.client = MlflowClient(self.tracking_uri)
+        for run in self.client.search_runs([self.experiment_id],
+                                           f"tags.`{TAG_PARENT}` = '{self.parent_run_id}'",
+                                           max_results=10000):
+            trial_id = run.data.tags.get(TAG_TRIAL_ID)
+            if trial_id:
+                self.runs[trial_id] = run.info.run_id
+                self.last_step[trial_id] = int(run.data.metrics.get("step", -1))
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if trial.trial_id in self.runs:  # a resumed or retried trial keeps its run
+            self.client.update_run(self.runs[trial.trial_id], status="RUNNING")
+            return
+        run = self.client.create_run(self.experiment_id, run_name=str(trial), tags={
+            TAG_PARENT: self.parent_run_id, TAG_TRIAL_ID: trial.trial_id})
+        params = [Param(k, str(v)[:6000]) for k, v in flatten(trial.config).items()]
+        for start in range(0, len(params), 100):
+            self.client.log_batch(run.info.run_id, params=params[start:start + 100])
+        self.runs[trial.trial_id] = run.info.run_id
+        self.last_step[trial.trial_id] = -1
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        step = int(result.get("step", -1))
+        if step <= self.last_step.get(trial.trial_id, -1):
+            return  # replayed after a restore: already logged
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, step) for k, v in {**numeric(result), "step": step}.items()]
+        self.client.log_batch(self.runs[trial.trial_id], metrics=metrics)
+        self.last_step[trial.trial_id] = step
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id = self.runs[trial.trial_id]
+        stopped = self.last_step.get(trial.trial_id, -1) < self.budget
+        self.client.log_batch(run_id, tags=[RunTag(TAG_STOPPED_EARLY, str(stopped).lower())])
+        self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.client.set_terminated(self.runs[trial.trial_id], RunStatus.to_string(RunStatus.FAILED))
+
+
+TRIAL_COLUMNS = ("trial_id", "status", "steps", "stopped_early", "best", "seed")
+
+
+def write_trials_csv(rows: list[dict], path: Path) -> None:
+    """All trials side by side: id, how each ended, steps, best metric, the searched values."""
+    params = sorted({k for row in rows for k in row["params"]})
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([*TRIAL_COLUMNS[:4], f"best_{rows[0]['metric']}" if rows else "best",
+                         "seed", *params])
+        for row in rows:
+            writer.writerow([*(row[c] for c in TRIAL_COLUMNS), *(row["params"].get(p) for p in params)])
+
+
+def log_search_result(client: MlflowClient, tracking_uri: str, parent_run_id: str, rows: list[dict],
+                      best: dict | None, run_dir: Path) -> None:
+    """The parent run's end: trials table, best config, its weights and model, best metrics."""
+    import mlflow
+    import mlflow.pytorch
+    import torch
+    import yaml
+
+    from ich_tune.config import build_experiment
+    from ich_tune.data.channels import parse_channels
+    from ich_tune.model import build_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        if rows:
+            write_trials_csv(rows, folder / "trials.csv")
+            client.log_artifact(parent_run_id, str(folder / "trials.csv"))
+        if best is None:
+            client.set_terminated(parent_run_id, RunStatus.to_string(RunStatus.FAILED))
+            return
+        state = torch.load(best["checkpoint"], map_location="cpu", weights_only=True)
+        torch.save(state["model"], folder / "weights.pt")
+        (folder / "config.yaml").write_text(yaml.safe_dump(best["config"], sort_keys=False))
+        client.log_artifact(parent_run_id, str(folder / "weights.pt"), "best")
+        client.log_artifact(parent_run_id, str(folder / "config.yaml"), "best")
+        params = [Param(k, str(v)[:6000]) for k, v in flatten(best["config"]).items()]
+        metrics = {f"best_{k}": v for k, v in numeric(state["history"][-1]).items()}
+        now = int(time.time() * 1000)
+        client.log_batch(parent_run_id, params=params[:100], tags=[
+            RunTag("ich_tune.best_trial", best["trial_id"]), RunTag("ich_tune.best_checkpoint",
+                                                                   str(best["checkpoint"]))],
+            metrics=[Metric(k, v, now, int(state["step"])) for k, v in metrics.items()])
+        for start in range(100, len(params), 100):
+            client.log_batch(parent_run_id, params=params[start:start + 100])
+        config = build_experiment(best["config"], {})
+        model = build_model(config.model, in_channels=len(parse_channels(config.data.channels)))
+        model.load_state_dict(state["model"])
+        mlflow.set_tracking_uri(tracking_uri)
+        with mlflow.start_run(run_id=parent_run_id):  # ends the parent run FINISHED
+            mlflow.pytorch.log_model(model.eval(), name="model", pip_requirements=["torch", "ich_tune"],
+                                     serialization_format="pickle")

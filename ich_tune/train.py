@@ -1,0 +1,251 @@
+"""The training loop of one run: a step budget, periodic validation, checkpoints, a report hook.
+
+It knows nothing of Ray: inside a trial, `report` is Ray Tune's; in `ich_tune train` it is None and
+progress goes to the log. A checkpoint holds everything a resumed run needs to continue exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ich_tune.config.schema import ExperimentConfig
+from ich_tune.data.channels import to_float
+from ich_tune.data.loader import TrainBatches, validation_batches
+from ich_tune.data.prepare import Splits, load_splits
+from ich_tune.errors import UserError
+from ich_tune.metrics import compute_metrics
+from ich_tune.model import build_model, count_parameters, load_weights
+from ich_tune.optim import make_loss, make_optimizer, make_scheduler
+
+CHECKPOINT_FILE = "checkpoint.pt"
+Report = Callable[[dict, Path | None], None]  # (metrics, folder holding a checkpoint or None)
+
+
+class LossNotFinite(UserError):
+    """Training diverged; the message says at which step and what to change."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+@dataclass
+class Outcome:
+    steps: int
+    metrics: dict  # the last validation, "val_" keys
+    history: list[dict]  # every validation
+    model: torch.nn.Module
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """Mixed precision on CUDA only: bf16 where the GPU supports it, else fp16."""
+    if device.type != "cuda" or setting == "off":
+        return None
+    if setting == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[setting]
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def total_steps(cfg: ExperimentConfig, batches_per_epoch: int) -> int:
+    return cfg.train.max_steps or max(1, math.ceil(cfg.train.max_epochs * batches_per_epoch))
+
+
+def train(cfg: ExperimentConfig, cache_path: Path, out_dir: Path, report: Report | None = None,
+          resume_from: Path | None = None, threads: int | None = None, log=print,
+          tensorboard_dir: Path | None = None) -> Outcome:
+    """Train one model; validate every `train.val_interval` steps and at the end."""
+    torch.set_num_threads(cfg.train.threads or threads or os.cpu_count() or 1)
+    seed_everything(cfg.seed, cfg.train.deterministic)
+    device = pick_device()
+    if device.type == "cuda" and cfg.train.cuda_memory_fraction:
+        torch.cuda.set_per_process_memory_fraction(cfg.train.cuda_memory_fraction, device)
+    splits = load_splits(cache_path, cfg.data, log)
+    model = build_model(cfg.model, in_channels=splits.cache.images.shape[1])
+    if cfg.model.init_from and resume_from is None:
+        loaded = load_weights(model, _weights_path(cfg.model.init_from))
+        log(f"model: {loaded} tensors loaded from {cfg.model.init_from}")
+    model.to(device)
+    channels_last = device.type == "cuda" and cfg.train.channels_last
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    log(f"model: {cfg.model.name}, {count_parameters(model):,} parameters, "
+        f"input {tuple(splits.cache.images.shape[1:])}, device {device}")
+
+    batches = TrainBatches(splits.cache, splits.train, cfg.train.batch_size, seed=cfg.seed,
+                           balanced=cfg.data.balanced, augment=cfg.data.augment)
+    steps = total_steps(cfg, batches.batches_per_epoch)
+    loss_fn = make_loss(cfg.loss.objective)
+    optimizer = make_optimizer(cfg.optimizer, model.parameters())
+    scheduler = make_scheduler(optimizer, cfg.schedule, steps)
+    half = amp_dtype(cfg.train.amp, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=half == torch.float16)
+    start, history = 0, []
+    if resume_from is not None:
+        state = torch.load(resume_from / CHECKPOINT_FILE, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        batches.load_state(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"])
+        start, history = state["step"], state["history"]
+        log(f"resumed from {resume_from} at step {start}")
+
+    writer = _tensorboard(tensorboard_dir if tensorboard_dir else out_dir, cfg.logging.tensorboard)
+    val_every = cfg.train.val_interval
+    stream = iter(batches)
+    model.train()
+    window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
+    metrics = history[-1] if history else {}
+    kept_checkpoint = None
+    for step in range(start + 1, steps + 1):
+        images, labels = next(stream)
+        images = to_float(images.to(device, non_blocking=True))
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=half, enabled=half is not None):
+            loss = loss_fn(model(images).float(), labels)
+        if not torch.isfinite(loss):
+            raise LossNotFinite(f"step {step}: the training loss is {loss.item()}. Lower optimizer.lr (now "
+                                f"{cfg.optimizer.lr:g}), set optimizer.grad_clip, or try amp: off.", step)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.optimizer.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        window_loss += loss.item()
+        window_steps += 1
+
+        if step % cfg.logging.print_interval == 0 or step == steps:
+            seconds = time.perf_counter() - window_start
+            train_loss = window_loss / window_steps
+            rate = window_steps * cfg.train.batch_size / seconds
+            log(f"step {step:>6}/{steps}  loss {train_loss:.4f}  lr {scheduler.get_last_lr()[0]:.2e}  "
+                f"{rate:,.0f} samples/s")
+            if writer:
+                writer.add_scalar("train/loss", train_loss, step)
+                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
+                writer.add_scalar("train/samples_per_s", rate, step)
+            window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
+
+        if step % val_every and step != steps:
+            continue
+        metrics = {"step": step, "epoch": step / batches.batches_per_epoch,
+                   **evaluate(model, splits, cfg, device, half, channels_last)}
+        history.append(metrics)
+        log(f"step {step:>6}/{steps}  val accuracy {metrics['val_accuracy']:.4f} "
+            f"(all-negative {metrics['val_accuracy_baseline']:.4f})  "
+            f"AUC any {metrics['val_auc_any']:.4f}  log loss {metrics['val_log_loss']:.4f}")
+        if writer:
+            for key, value in metrics.items():
+                if key.startswith("val_") and math.isfinite(value):
+                    writer.add_scalar(f"val/{key[4:]}", value, step)
+            writer.flush()
+        checkpoint = _save_checkpoint(out_dir, step, model, optimizer, scheduler, scaler, batches, history)
+        if report is not None:
+            report(metrics, checkpoint)
+            _discard(checkpoint)  # the reporter has copied it to its storage
+        else:
+            _discard(kept_checkpoint)  # a local run keeps only its latest checkpoint
+            kept_checkpoint = checkpoint
+    if writer:
+        writer.close()
+    return Outcome(steps=steps, metrics=metrics, history=history, model=model)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, splits: Splits, cfg: ExperimentConfig, device: torch.device,
+             half: torch.dtype | None = None, channels_last: bool = False) -> dict[str, float]:
+    """Validation metrics ("val_" keys) over the fixed validation order."""
+    probs, labels = predict_batches(model, validation_batches(
+        splits.cache, splits.val, cfg.train.batch_size, cfg.train.val_batches), device, half, channels_last)
+    return {f"val_{k}": float(v) for k, v in compute_metrics(probs, labels).items()}
+
+
+@torch.no_grad()
+def predict_batches(model: torch.nn.Module, batches, device: torch.device,
+                    half: torch.dtype | None = None, channels_last: bool = False
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Sigmoid probabilities and labels over (images, labels) batches, in eval mode."""
+    was_training = model.training
+    model.eval()
+    all_probs, all_labels = [], []
+    for images, labels in batches:
+        images = to_float(images.to(device, non_blocking=True))
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=half, enabled=half is not None):
+            all_probs.append(torch.sigmoid(model(images).float()).cpu().numpy())
+        all_labels.append(labels.numpy())
+    model.train(was_training)
+    return np.concatenate(all_probs), np.concatenate(all_labels)
+
+
+def _save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, scaler,
+                     batches: TrainBatches, history: list[dict]) -> Path:
+    """Write checkpoint.pt into a fresh folder; returns the folder."""
+    folder = out_dir / f"checkpoint_{step:07d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {
+        "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+        "sampler": batches.state(), "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "history": history,
+    }
+    torch.save(state, folder / f"{CHECKPOINT_FILE}.tmp")
+    os.replace(folder / f"{CHECKPOINT_FILE}.tmp", folder / CHECKPOINT_FILE)
+    return folder
+
+
+def _discard(folder: Path | None) -> None:
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _weights_path(source: str) -> Path:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    return path
+
+
+def _tensorboard(folder: Path, enabled: bool):
+    if not enabled:
+        return None
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(str(folder), flush_secs=10)
+
