@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import sys
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from ich_tune.bench import BENCHMARKS
 from ich_tune.errors import UserError
 
 
@@ -193,6 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--name", help="run folder under <storage>/<search>/ (default: a timestamp)")
     run.add_argument("--num-gpus", type=int, help="GPUs a local Ray declares (default: detected)")
     run.set_defaults(func=cmd_run)
+
+    bench = verbs.add_parser("bench", help="benchmarks: data, train, search, packing")
+    kinds = bench.add_subparsers(dest="benchmark", required=True, metavar="NAME")
+    for name, module in BENCHMARKS.items():
+        try:
+            bench_module = importlib.import_module(module)
+        except ModuleNotFoundError:
+            continue
+        sub = kinds.add_parser(name, help=bench_module.__doc__.strip().splitlines()[0])
+        bench_module.add_arguments(sub)
+        sub.set_defaults(func=bench_module.run)
 
     demo = verbs.add_parser("demo-data", help="write synthetic RSNA-layout DICOM data")
     demo.add_argument("--out", type=Path, required=True, help="folder to write")

@@ -121,13 +121,12 @@ def train(cfg: ExperimentConfig, cache_path: Path, out_dir: Path, report: Report
 
     writer = _tensorboard(tensorboard_dir if tensorboard_dir else out_dir, cfg.logging.tensorboard)
     val_every = cfg.train.val_interval
-    stream = iter(batches)
     model.train()
     window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
     metrics = history[-1] if history else {}
     kept_checkpoint = None
     for step in range(start + 1, steps + 1):
-        images, labels = next(stream)
+        images, labels = next(batches)
         images = to_float(images.to(device, non_blocking=True))
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)

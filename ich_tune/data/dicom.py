@@ -11,7 +11,6 @@ from __future__ import annotations
 import gzip
 import io
 import math
-import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +32,6 @@ _PACKAGES = {  # what to pip install for a compressed transfer syntax pydicom ca
     **dict.fromkeys(uid.JPEGLSTransferSyntaxes, "pylibjpeg pylibjpeg-libjpeg"),
     **dict.fromkeys(uid.RLETransferSyntaxes, "pylibjpeg pylibjpeg-rle"),
 }
-
-
-# RSNA stores image ids ("ID_<hex>") in SOPInstanceUID, which is not a valid UID: pydicom would warn
-# once per file, drowning a 750,000-file build in noise.
-warnings.filterwarnings("ignore", "Invalid value for VR UI", UserWarning)
 
 
 class DicomError(DataError):

@@ -24,10 +24,11 @@ def gather(cache: Cache, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tenso
 
 
 class TrainBatches:
-    """An endless stream of training batches: a fresh shuffle every epoch, last partial batch dropped.
+    """An endless iterator of training batches: a fresh shuffle every epoch, last partial batch dropped.
 
     With `balanced`, slices are drawn with weights that give every class (and "no bleed") the same
-    expected share, instead of shuffling each slice once per epoch.
+    expected share, instead of shuffling each slice once per epoch. `state()` captures the position
+    inside the epoch, so a resumed run draws exactly the batches an uninterrupted one would.
     """
 
     def __init__(self, cache: Cache, indices: np.ndarray, batch_size: int, seed: int,
@@ -36,28 +37,45 @@ class TrainBatches:
             raise ValueError(f"{len(indices)} training slices cannot fill a batch of {batch_size}")
         self.cache, self.indices, self.batch_size = cache, indices, batch_size
         self.augment = augment
-        self.rng = np.random.default_rng(seed)
+        self.order_rng = np.random.default_rng([seed, 0])
+        self.augment_rng = np.random.default_rng([seed, 1])
         self.weights = class_balanced_weights(cache.labels[indices]) if balanced else None
         self.batches_per_epoch = len(indices) // batch_size
+        self.epoch_start = self.order_rng.bit_generator.state
+        self.order = self._draw_order()
+        self.position = 0
+
+    def _draw_order(self) -> np.ndarray:
+        if self.weights is not None:
+            size = self.batches_per_epoch * self.batch_size
+            return self.order_rng.choice(len(self.indices), size=size, p=self.weights)
+        return self.order_rng.permutation(len(self.indices))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:
-            if self.weights is not None:
-                picks = self.rng.choice(len(self.indices), size=self.batches_per_epoch * self.batch_size,
-                                        p=self.weights)
-            else:
-                picks = self.rng.permutation(len(self.indices))
-            for b in range(self.batches_per_epoch):
-                chosen = self.indices[picks[b * self.batch_size:(b + 1) * self.batch_size]]
-                images, labels = gather(self.cache, chosen)
-                yield (random_flip_affine(images, self.rng) if self.augment else images), labels
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.position == self.batches_per_epoch:
+            self.epoch_start = self.order_rng.bit_generator.state
+            self.order = self._draw_order()
+            self.position = 0
+        start = self.position * self.batch_size
+        chosen = self.indices[self.order[start:start + self.batch_size]]
+        self.position += 1
+        images, labels = gather(self.cache, chosen)
+        return (random_flip_affine(images, self.augment_rng) if self.augment else images), labels
 
     def state(self) -> dict:
-        """The sampler's random state, so a resumed run draws the same batches."""
-        return self.rng.bit_generator.state
+        """Where the sampler stands: the epoch's random state, the batch within it, augmentation."""
+        return {"epoch_start": self.epoch_start, "position": self.position,
+                "augment": self.augment_rng.bit_generator.state}
 
     def load_state(self, state: dict) -> None:
-        self.rng.bit_generator.state = state
+        self.order_rng.bit_generator.state = state["epoch_start"]
+        self.epoch_start = state["epoch_start"]
+        self.order = self._draw_order()
+        self.position = state["position"]
+        self.augment_rng.bit_generator.state = state["augment"]
 
 
 def validation_batches(cache: Cache, indices: np.ndarray, batch_size: int,

@@ -1,0 +1,314 @@
+"""The preprocessed cache and data preparation, on real DICOM files from the synthetic generator.
+
+What must hold: cached pixels and labels are exactly what decoding the files gives; a cache is
+reused only while nothing that shapes its bytes has changed; a killed or failed build never looks
+complete; two builders at once end with one good cache; bad images are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ich_tune.config.schema import DataConfig, SyntheticConfig
+from ich_tune.data.cache import LABELS_CSV, TRAIN_DIR, ensure_cache, find_dicom_files, open_cache
+from ich_tune.data.channels import parse_channels, to_channels
+from ich_tune.data.dicom import read_header, read_hu
+from ich_tune.data.labels import read_labels
+from ich_tune.data.prepare import prepare_cache, resolve_root
+from ich_tune.data.synthetic import generate
+from ich_tune.errors import DataError
+
+# RSNA's "ID_<hex>" UIDs are not valid DICOM UIDs; pydicom warns on every read, as with real data
+pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+# Build workers fork from a server that has imported torch already: each build then starts in
+# milliseconds instead of a second (no effect if another test started the server first)
+multiprocessing.set_forkserver_preload(["ich_tune.data.cache"])
+
+REPO = Path(__file__).resolve().parents[1]
+# 72 slices: two decode chunks of 64, so parallel workers write disjoint parts of one array
+DATA = dict(studies=8, slices=9, size=64, seed=0, positive_rate=0.4, quirk_rate=0.2)
+WINDOWS = ["brain", "subdural", "bone"]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+BUILD = """
+import sys
+from pathlib import Path
+from ich_tune.config.schema import DataConfig
+from ich_tune.data.cache import ensure_cache
+root, cache_dir = sys.argv[1:]
+cfg = DataConfig(root=root, cache_dir=cache_dir, full_size=64, workers=1, max_bad_fraction=0.5)
+print("result", ensure_cache(cfg, Path(root)), flush=True)
+"""
+
+
+def config(root: Path, cache_dir: Path, **changes) -> DataConfig:
+    """64 px, one worker (a process pool costs a second to start), the corrupt file tolerated."""
+    base = DataConfig(root=str(root), cache_dir=str(cache_dir), full_size=64, workers=1, max_bad_fraction=0.5)
+    return dataclasses.replace(base, **changes)
+
+
+def quiet(*_args) -> None:
+    pass
+
+
+def complete_folders(cache_dir: Path) -> list[Path]:
+    return [p for p in cache_dir.iterdir() if (p / "manifest.json").is_file()]
+
+
+def partial_folders(cache_dir: Path) -> list[Path]:
+    return [p for p in cache_dir.iterdir() if ".partial-" in p.name]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("rsna")
+    return root, generate(root, **DATA)
+
+
+@pytest.fixture(scope="module")
+def hu_cache(data, tmp_path_factory) -> Path:
+    root, _ = data
+    return ensure_cache(config(root, tmp_path_factory.mktemp("cache"), workers=2), root, quiet)
+
+
+@pytest.fixture
+def fresh_data(tmp_path) -> Path:
+    """A dataset of its own, for tests that change files; no corrupt file."""
+    root = tmp_path / "rsna"
+    generate(root, studies=3, slices=3, size=64, seed=5, positive_rate=0.4, quirk_rate=0.0)
+    return root
+
+
+def test_hu_cache_equals_decoding_every_file(data, hu_cache):
+    root, _ = data
+    cache = open_cache(hu_cache)
+    labels = read_labels(root / LABELS_CSV)
+    files = find_dicom_files(root)
+    assert cache.images.shape == (len(files), 1, 64, 64)
+    assert cache.images.dtype == np.float16
+    assert list(cache.ids) == list(labels.ids)
+    np.testing.assert_array_equal(cache.labels, labels.y)
+    channels = parse_channels("hu")
+    for index in np.flatnonzero(cache.valid):
+        path = files[cache.ids[index]]
+        np.testing.assert_array_equal(cache.images[index], to_channels(read_hu(path), channels, 64))
+        header = read_header(path)
+        assert (cache.patient_ids[index], cache.study_uids[index], cache.series_uids[index]) == (
+            header.patient_id, header.study_uid, header.series_uid)
+        assert cache.z[index] == header.z
+
+
+def test_window_cache_is_uint8_and_equals_decoding(data, tmp_path):
+    root, _ = data
+    cache = open_cache(ensure_cache(config(root, tmp_path, channels=WINDOWS, lod=1), root, quiet))
+    assert cache.images.shape == (len(cache.ids), 3, 32, 32)
+    assert cache.images.dtype == np.uint8
+    files = find_dicom_files(root)
+    for index in np.flatnonzero(cache.valid)[::9]:
+        expected = to_channels(read_hu(files[cache.ids[index]]), parse_channels(WINDOWS), 32)
+        np.testing.assert_array_equal(cache.images[index], expected)
+
+
+def test_second_call_reuses_the_cache(data, hu_cache):
+    root, _ = data
+    manifest = hu_cache / "manifest.json"
+    before = (manifest.stat().st_mtime_ns, sorted(hu_cache.parent.iterdir()))
+    lines = []
+    again = ensure_cache(config(root, hu_cache.parent, workers=2), root, lines.append)
+    assert again == hu_cache
+    assert (manifest.stat().st_mtime_ns, sorted(hu_cache.parent.iterdir())) == before
+    assert lines == []
+
+
+def test_what_changes_the_bytes_changes_the_key(fresh_data, tmp_path):
+    """Every input of the cache's bytes gets its own folder; settings that do not, share one."""
+    lines = []
+    base = config(fresh_data, tmp_path / "cache", channels=["brain", "bone"])
+
+    def folder(cfg: DataConfig = base) -> Path:
+        return ensure_cache(cfg, fresh_data, lines.append)
+
+    def builds() -> int:
+        return sum(line.startswith("preprocess: ") and "slices of" in line for line in lines)
+
+    first = folder()
+    same = [dataclasses.replace(base, **change) for change in (
+        {"augment": True}, {"balanced": True}, {"train_fraction": 0.5}, {"split_seed": 3},
+        {"folds": 5, "fold": 2}, {"workers": 2})]
+    assert all(folder(cfg) == first for cfg in same)
+    assert builds() == 1
+
+    seen = {first}
+    variants = [{"channels": ["brain"]}, {"channels": ["bone", "brain"]}, {"channels": "hu"},
+                {"lod": 1}, {"full_size": 128}, {"max_images": 4}]
+    for change in variants:
+        path = folder(dataclasses.replace(base, **change))
+        assert path not in seen, change
+        seen.add(path)
+
+    dicoms = sorted((fresh_data / TRAIN_DIR).glob("*.dcm"))
+    csv = fresh_data / LABELS_CSV
+
+    def touch() -> None:  # same bytes, a later modification time
+        stat = dicoms[0].stat()
+        os.utime(dicoms[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+
+    for source_change in (touch, lambda: shutil.copy(dicoms[1], dicoms[1].with_name("ID_0123456789.dcm")),
+                          lambda: csv.write_text(csv.read_text() + "\n")):
+        source_change()
+        path = folder()
+        assert path not in seen
+        seen.add(path)
+        assert folder() == path
+    assert builds() == len(seen) == len(complete_folders(tmp_path / "cache"))
+
+
+def test_changed_file_is_never_read_stale(fresh_data, tmp_path):
+    cfg = config(fresh_data, tmp_path)
+    old = open_cache(ensure_cache(cfg, fresh_data, quiet))
+    files = find_dicom_files(fresh_data)
+    target, source = old.ids[0], old.ids[1]
+    shutil.copyfile(files[source], files[target])  # same size, other pixels
+    new = open_cache(ensure_cache(cfg, fresh_data, quiet))
+    assert new.path != old.path
+    expected = to_channels(read_hu(files[source]), parse_channels("hu"), 64)
+    assert not np.array_equal(old.images[0], expected)
+    np.testing.assert_array_equal(new.images[0], expected)
+
+
+def test_killed_build_never_looks_complete(data, tmp_path):
+    """SIGKILL to the builder's process group mid-build, then a normal build in its place."""
+    root, _ = data
+    cache_dir = tmp_path / "cache"
+    builder = subprocess.Popen([sys.executable, "-c", BUILD, str(root), str(cache_dir)], env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (cache_dir.is_dir() and partial_folders(cache_dir)):
+            assert builder.poll() is None, "the build ended before it could be interrupted"
+            assert time.monotonic() < deadline, "no partial folder appeared"
+            time.sleep(0.005)
+    finally:
+        os.killpg(builder.pid, signal.SIGKILL)  # the pool's workers too
+        builder.communicate()
+    assert complete_folders(cache_dir) == []
+    [left] = partial_folders(cache_dir)
+    # a build killed between writing its manifest and the rename: still not complete
+    key = left.name.split(".partial-")[0]
+    planted = left.with_name(f"{key}.partial-123")
+    planted.mkdir()
+    (planted / "manifest.json").write_text("{}")
+
+    lines = []
+    path = ensure_cache(config(root, cache_dir), root, lines.append)
+    assert any(line.startswith("preprocess:") for line in lines)  # rebuilt, not adopted
+    assert path.name == key
+    assert complete_folders(cache_dir) == [path]
+    assert partial_folders(cache_dir) == []
+    assert open_cache(path).manifest["images"] == len(find_dicom_files(root))
+
+
+def test_two_builders_at_once_make_one_cache(data, tmp_path):
+    root, _ = data
+    cache_dir = tmp_path / "cache"
+    builders = [subprocess.Popen([sys.executable, "-c", BUILD, str(root), str(cache_dir)], env=ENV,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for _ in range(2)]
+    outputs = [b.communicate(timeout=120) for b in builders]
+    assert [b.returncode for b in builders] == [0, 0], [err for _, err in outputs]
+    results = [line.split(" ", 1)[1] for out, _ in outputs for line in out.splitlines()
+               if line.startswith("result ")]
+    assert len(results) == 2 and results[0] == results[1]
+    built = sum("preprocess:" in out for out, _ in outputs)
+    assert built == 1  # the second waited on the lock and found the first one's cache
+    assert complete_folders(cache_dir) == [Path(results[0])]
+    assert partial_folders(cache_dir) == []
+    manifest = open_cache(Path(results[0])).manifest
+    assert manifest["images"] == len(find_dicom_files(root))
+
+
+def test_corrupt_file_is_skipped_and_listed(data, hu_cache):
+    _, summary = data
+    [truncated] = summary["truncated"]
+    cache = open_cache(hu_cache)
+    assert list(cache.manifest["skipped"]) == [truncated]
+    assert "truncated pixel data" in cache.manifest["skipped"][truncated]
+    assert list(cache.ids[~cache.valid]) == [truncated]
+    assert cache.manifest["decoded"] == cache.manifest["images"] - 1
+    assert cache.manifest["labelled_without_file"] == 0
+
+
+def test_too_many_bad_images_fail_without_a_cache(data, tmp_path):
+    root, _ = data
+    strict = 0.5 / len(find_dicom_files(root))  # the one corrupt file is already too many
+    with pytest.raises(DataError, match="max_bad_fraction") as caught:
+        ensure_cache(config(root, tmp_path, max_bad_fraction=strict), root, quiet)
+    assert "truncated pixel data" in str(caught.value)
+    assert complete_folders(tmp_path) == []
+    assert partial_folders(tmp_path) == []
+
+
+def test_stricter_max_bad_fraction_applies_to_an_existing_cache(data, hu_cache):
+    """The threshold is policy, not part of the key: a cache built under a looser one must not
+    let a run with a stricter one go ahead on more bad images than it allows."""
+    root, _ = data
+    strict = 0.5 / len(find_dicom_files(root))
+    with pytest.raises(DataError, match="max_bad_fraction"):
+        ensure_cache(config(root, hu_cache.parent, max_bad_fraction=strict), root, quiet)
+
+
+def test_labelled_image_without_a_file_is_counted(fresh_data, tmp_path):
+    files = find_dicom_files(fresh_data)
+    gone = sorted(files)[2]
+    files[gone].unlink()
+    cache = open_cache(ensure_cache(config(fresh_data, tmp_path), fresh_data, quiet))
+    assert cache.manifest["labelled_without_file"] == 1
+    assert cache.manifest["skipped"] == {gone: "no DICOM file"}
+    assert gone not in set(cache.ids)
+    assert cache.manifest["images"] == len(cache.ids) == len(files) - 1
+    assert cache.valid.all()
+
+
+def test_open_cache_maps_images_read_only(hu_cache):
+    cache = open_cache(hu_cache)
+    assert isinstance(cache.images, np.memmap)
+    with pytest.raises(ValueError, match="read-only"):
+        cache.images[0, 0, 0, 0] = 1
+
+
+def test_prepare_generates_synthetic_data_once(tmp_path):
+    root = tmp_path / "new"
+    synthetic = SyntheticConfig(studies=2, slices=3, size=32, seed=1, quirk_rate=0.0)
+    cfg = config(root, tmp_path / "cache", synthetic=synthetic, full_size=32)
+    lines = []
+    path = prepare_cache(cfg, lines.append)
+    assert any("synthetic" in line and str(root) in line for line in lines)
+    assert open_cache(path).images.shape == (6, 1, 32, 32)
+    csv_mtime = (root / LABELS_CSV).stat().st_mtime_ns
+    lines.clear()
+    assert prepare_cache(cfg, lines.append) == path
+    assert lines == []
+    assert (root / LABELS_CSV).stat().st_mtime_ns == csv_mtime
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="--data-root"):
+        resolve_root(DataConfig(), quiet)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError) as caught:
+        resolve_root(DataConfig(root=str(empty)), quiet)
+    message = str(caught.value)
+    assert str(empty) in message and LABELS_CSV in message
+    assert f"demo-data --out {empty}" in message
+    assert list(empty.iterdir()) == []  # nothing generated without data.synthetic

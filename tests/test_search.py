@@ -1,0 +1,157 @@
+"""Searches on a real local Ray cluster, recorded in a real MLflow SQLite store."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import tiny_tree
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_space(tmp_path: Path, tiny_rsna: Path, **settings) -> Path:
+    space = {
+        "experiment": tiny_tree(tiny_rsna, tmp_path / "cache", logging={"tensorboard": True},
+                                optimizer={"lr": {"grid_search": [0.003, 0.0003]}}),
+        "num_train_steps": 6, "val_interval": 3, "metric": "val_log_loss", "mode": "min",
+        "scheduler": {"name": "asha", "grace_period": 3, "reduction_factor": 2},
+        "resources": {"cpu": 1, "gpu": 0}, "storage": str(tmp_path / "runs"),
+        **settings,
+    }
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray for the in-process searches: 2 CPUs and 1 GPU declared as a logical resource."""
+    import ray
+
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def child_runs(client: MlflowClient, parent_id: str) -> list:
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    return client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+@pytest.mark.slow
+def test_search_records_every_trial_and_the_best_model(ray_cluster, tiny_rsna, tmp_path):
+    import mlflow.pytorch
+    import torch
+
+    from ich_tune.config import load_search
+    from ich_tune.search import RunOptions, run_search
+
+    outcome = run_search(load_search(write_space(tmp_path, tiny_rsna)), RunOptions(name="r1"),
+                         log=lambda *_: None)
+    assert len(outcome.trials) == 2 and {t["status"] for t in outcome.trials} == {"finished"}
+    assert outcome.best is not None and outcome.best["best"] == min(t["best"] for t in outcome.trials)
+
+    client = MlflowClient(outcome.tracking_uri)
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["optimizer.lr"] == str(outcome.best["params"]["optimizer.lr"])
+    assert "best_val_log_loss" in parent.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(outcome.parent_run_id)}
+    assert {"trials.csv", "best", "search"} <= artifacts
+    children = child_runs(client, outcome.parent_run_id)
+    assert len(children) == 2 and {c.info.status for c in children} == {"FINISHED"}
+    for child in children:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_log_loss")]
+        assert steps == sorted(set(steps)) and steps[0] == 3  # each validation once, at its step
+        assert child.data.params["train.max_steps"] == "6"
+
+    model = mlflow.pytorch.load_model(f"runs:/{outcome.parent_run_id}/model")
+    weights = torch.load(client.download_artifacts(outcome.parent_run_id, "best/weights.pt", str(tmp_path)),
+                         weights_only=True)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, weights[name])
+    events = list(outcome.run_dir.glob("*/tensorboard/events.out.tfevents.*"))
+    assert len(events) == 2  # one TensorBoard log per trial
+
+
+@pytest.mark.slow
+def test_quarter_gpu_runs_four_trials_at_once(ray_cluster, tiny_rsna, tmp_path):
+    from ich_tune.config import load_search
+    from ich_tune.search import RunOptions, run_search
+
+    space = write_space(tmp_path, tiny_rsna, resources={"cpu": 0.5, "gpu": 0.25},
+                        scheduler={"name": "fifo"}, num_train_steps=30, val_interval=15,
+                        experiment=tiny_tree(tiny_rsna, tmp_path / "cache", optimizer={
+                            "lr": {"grid_search": [0.001, 0.002, 0.003, 0.004]}}))
+    outcome = run_search(load_search(space), RunOptions(name="gpu"), log=lambda *_: None)
+    client = MlflowClient(outcome.tracking_uri)
+    spans = [(c.info.start_time, c.info.end_time) for c in child_runs(client, outcome.parent_run_id)]
+    assert len(spans) == 4
+    latest_start = max(start for start, _ in spans)
+    assert all(end > latest_start for _, end in spans)  # all four were running together
+
+
+def run_cli(*args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", "RAY_AUTH_MODE": "disabled"}
+    return subprocess.Popen([sys.executable, "-m", "ich_tune", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+@pytest.mark.slow
+def test_killed_search_resumes_without_duplicating_runs(tiny_rsna, tmp_path):
+    space = write_space(tmp_path, tiny_rsna, scheduler={"name": "fifo"}, num_train_steps=60,
+                        val_interval=10, experiment=tiny_tree(tiny_rsna, tmp_path / "cache", optimizer={
+                            "lr": {"grid_search": [0.001, 0.002, 0.003]}}))
+    driver = run_cli("run", str(space), "--name", "k")
+    run_dir = tmp_path / "runs" / "space" / "k"
+    deadline = time.time() + 240
+    while not list(run_dir.glob("*/checkpoint_*")) or not list(run_dir.glob("experiment_state*.json")):
+        assert driver.poll() is None, driver.stdout.read()
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.5)
+    time.sleep(1.5)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("space")
+    finished = client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'")
+    assert len(finished) < 3  # killed mid-search: the parent and some trials had not ended
+
+    resumed = run_cli("run", str(space), "--name", "k", "--resume")
+    output, _ = resumed.communicate(timeout=400)
+    assert resumed.returncode == 0, output
+    assert output.count("finished") >= 3, output
+
+    parents = client.search_runs([experiment.experiment_id], "tags.`ich_tune.search_dir` LIKE '%'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = child_runs(client, parents[0].info.run_id)
+    assert len(children) == 3  # one per trial, none created twice
+    assert {c.info.status for c in children} == {"FINISHED"}
+    for child in children:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_log_loss")]
+        assert steps == [10, 20, 30, 40, 50, 60]  # every validation once: none lost, none replayed
+
+
+def test_bad_search_file_fails_before_ray_starts(tiny_rsna, tmp_path):
+    space = write_space(tmp_path, tiny_rsna, search_alg={"name": "optuna"})
+    driver = run_cli("run", str(space))
+    output, _ = driver.communicate(timeout=60)
+    assert driver.returncode == 2 and output.startswith("error: ") and "choice" in output
+    assert "Traceback" not in output and "Ray" not in output
+
+
+def test_missing_data_fails_with_the_fix(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"experiment": {"data": {"root": str(tmp_path / "nowhere")}},
+                                     "num_train_steps": 5, "storage": str(tmp_path / "runs")}))
+    driver = run_cli("run", str(space))
+    output, _ = driver.communicate(timeout=60)
+    assert driver.returncode == 2, output
+    assert "nowhere: no stage_2_train.csv there" in output and "demo-data" in output
