@@ -100,7 +100,8 @@ def example_grid(
 ) -> bytes:
     """The original's Figure 1 as PNG: `examples` slices per column, two accuracy bars under each.
 
-    `images` [N, C, H, W] in storage form, `labels` and `probs` [N, 6] in CLASSES order.
+    `images` [N, C, H, W] in storage form, or anything indexable by row (only the picked rows are
+    read, so a view of a memory-mapped cache will do); `labels` and `probs` [N, 6] in CLASSES order.
     Columns run out of slices quietly: their title says how many there were.
     """
     labels, probs = np.asarray(labels), np.asarray(probs)

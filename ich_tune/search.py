@@ -239,7 +239,7 @@ def run_search(search: Search, options: RunOptions, log=print) -> SearchOutcome:
     results = tuner.fit()
     rows = summarize(results, search, budget)
     best = pick_best(rows, config.mode)
-    tracking.log_search_result(client, uri, parent_id, rows, best, run_dir)
+    tracking.log_search_result(client, uri, parent_id, rows, best, cache)
     return SearchOutcome(run_dir, parent_id, uri, rows, best)
 
 
@@ -263,6 +263,7 @@ def summarize(results, search: Search, budget: int) -> list[dict]:
             "seed": last.get("seed"),
             "params": {d.path: _lookup(result.config or {}, d.path) for d in search.dimensions},
             "config": result.config,
+            "history": history.to_dict("records") if history is not None else [],
             "checkpoint": Path(checkpoint.path) / CHECKPOINT_FILE if checkpoint else None,
             "path": result.path,
         })

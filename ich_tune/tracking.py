@@ -15,9 +15,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
+
+from ich_tune.train import EXAMPLES_FILE, VALIDATION_FILE
 
 TAG_SEARCH_DIR = "ich_tune.search_dir"
 TAG_TRIAL_ID = "ich_tune.trial_id"
@@ -114,6 +117,14 @@ class MlflowTrials(tune.Callback):
         self.client.log_batch(self.runs[trial.trial_id], metrics=metrics)
         self.last_step[trial.trial_id] = step
 
+    def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
+        """The trial's example grid (written at its plot interval) goes to its run."""
+        with checkpoint.as_directory() as folder:
+            grid = Path(folder) / EXAMPLES_FILE
+            if grid.is_file():
+                step = self.last_step.get(trial.trial_id, 0)
+                self.client.log_artifact(self.runs[trial.trial_id], str(grid), f"plots/step_{step:07d}")
+
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self.runs[trial.trial_id]
         stopped = self.last_step.get(trial.trial_id, -1) < self.budget
@@ -122,6 +133,20 @@ class MlflowTrials(tune.Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.client.set_terminated(self.runs[trial.trial_id], RunStatus.to_string(RunStatus.FAILED))
+
+
+def write_plots(checkpoint_dir: Path, history: list[dict], cache_path: Path, config, out: Path) -> None:
+    """The best model's example grid, per-class ROC curves and training curves, as PNG files."""
+    from ich_tune.data.cache import open_cache
+    from ich_tune.plots import example_grid, roc_curves, training_curves
+
+    validation = np.load(checkpoint_dir / VALIDATION_FILE)
+    probs, labels = validation["probs"], validation["labels"]
+    rows = open_cache(cache_path).rows(validation["indices"])
+    (out / "examples.png").write_bytes(example_grid(rows, labels, probs, config.logging.plot_examples,
+                                                    config.logging.plot_baseline, seed=config.seed))
+    (out / "roc.png").write_bytes(roc_curves(probs, labels))
+    (out / "curves.png").write_bytes(training_curves(history))
 
 
 TRIAL_COLUMNS = ("trial_id", "status", "steps", "stopped_early", "best", "seed")
@@ -139,8 +164,8 @@ def write_trials_csv(rows: list[dict], path: Path) -> None:
 
 
 def log_search_result(client: MlflowClient, tracking_uri: str, parent_run_id: str, rows: list[dict],
-                      best: dict | None, run_dir: Path) -> None:
-    """The parent run's end: trials table, best config, its weights and model, best metrics."""
+                      best: dict | None, cache_path: Path) -> None:
+    """The parent run's end: trials table, best config, its weights, model, plots and metrics."""
     import mlflow
     import mlflow.pytorch
     import torch
@@ -161,8 +186,10 @@ def log_search_result(client: MlflowClient, tracking_uri: str, parent_run_id: st
         state = torch.load(best["checkpoint"], map_location="cpu", weights_only=True)
         torch.save(state["model"], folder / "weights.pt")
         (folder / "config.yaml").write_text(yaml.safe_dump(best["config"], sort_keys=False))
-        client.log_artifact(parent_run_id, str(folder / "weights.pt"), "best")
-        client.log_artifact(parent_run_id, str(folder / "config.yaml"), "best")
+        config = build_experiment(best["config"], {})
+        write_plots(best["checkpoint"].parent, best["history"], cache_path, config, folder)
+        for name in ("weights.pt", "config.yaml", "examples.png", "roc.png", "curves.png"):
+            client.log_artifact(parent_run_id, str(folder / name), "best")
         params = [Param(k, str(v)[:6000]) for k, v in flatten(best["config"]).items()]
         metrics = {f"best_{k}": v for k, v in numeric(state["history"][-1]).items()}
         now = int(time.time() * 1000)
@@ -172,7 +199,6 @@ def log_search_result(client: MlflowClient, tracking_uri: str, parent_run_id: st
             metrics=[Metric(k, v, now, int(state["step"])) for k, v in metrics.items()])
         for start in range(100, len(params), 100):
             client.log_batch(parent_run_id, params=params[start:start + 100])
-        config = build_experiment(best["config"], {})
         model = build_model(config.model, in_channels=len(parse_channels(config.data.channels)))
         model.load_state_dict(state["model"])
         mlflow.set_tracking_uri(tracking_uri)

@@ -26,8 +26,11 @@ from ich_tune.errors import UserError
 from ich_tune.metrics import compute_metrics
 from ich_tune.model import build_model, count_parameters, load_weights
 from ich_tune.optim import make_loss, make_optimizer, make_scheduler
+from ich_tune.plots import example_grid, png_to_array
 
 CHECKPOINT_FILE = "checkpoint.pt"
+VALIDATION_FILE = "validation.npz"  # probabilities, labels and cache rows of the validation there
+EXAMPLES_FILE = "examples.png"  # the per-class example grid, every logging.plot_interval steps
 Report = Callable[[dict, Path | None], None]  # (metrics, folder holding a checkpoint or None)
 
 
@@ -161,8 +164,8 @@ def train(cfg: ExperimentConfig, cache_path: Path, out_dir: Path, report: Report
 
         if step % val_every and step != steps:
             continue
-        metrics = {"step": step, "epoch": step / batches.batches_per_epoch,
-                   **evaluate(model, splits, cfg, device, half, channels_last)}
+        scores, probs, labels = evaluate(model, splits, cfg, device, half, channels_last)
+        metrics = {"step": step, "epoch": step / batches.batches_per_epoch, **scores}
         history.append(metrics)
         log(f"step {step:>6}/{steps}  val accuracy {metrics['val_accuracy']:.4f} "
             f"(all-negative {metrics['val_accuracy_baseline']:.4f})  "
@@ -173,6 +176,13 @@ def train(cfg: ExperimentConfig, cache_path: Path, out_dir: Path, report: Report
                     writer.add_scalar(f"val/{key[4:]}", value, step)
             writer.flush()
         checkpoint = _save_checkpoint(out_dir, step, model, optimizer, scheduler, scaler, batches, history)
+        np.savez(checkpoint / VALIDATION_FILE, probs=probs, labels=labels, indices=splits.val[:len(probs)])
+        if step % cfg.logging.plot_interval == 0 or step == steps:
+            png = example_grid(splits.cache.rows(splits.val), labels, probs, cfg.logging.plot_examples,
+                               cfg.logging.plot_baseline, seed=cfg.seed)
+            (checkpoint / EXAMPLES_FILE).write_bytes(png)
+            if writer:
+                writer.add_image("examples", png_to_array(png), step, dataformats="HWC")
         if report is not None:
             report(metrics, checkpoint)
             _discard(checkpoint)  # the reporter has copied it to its storage
@@ -186,11 +196,12 @@ def train(cfg: ExperimentConfig, cache_path: Path, out_dir: Path, report: Report
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, splits: Splits, cfg: ExperimentConfig, device: torch.device,
-             half: torch.dtype | None = None, channels_last: bool = False) -> dict[str, float]:
-    """Validation metrics ("val_" keys) over the fixed validation order."""
+             half: torch.dtype | None = None, channels_last: bool = False
+             ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """Validation metrics ("val_" keys), probabilities and labels over the fixed validation order."""
     probs, labels = predict_batches(model, validation_batches(
         splits.cache, splits.val, cfg.train.batch_size, cfg.train.val_batches), device, half, channels_last)
-    return {f"val_{k}": float(v) for k, v in compute_metrics(probs, labels).items()}
+    return {f"val_{k}": float(v) for k, v in compute_metrics(probs, labels).items()}, probs, labels
 
 
 @torch.no_grad()

@@ -258,6 +258,19 @@ def test_too_many_bad_images_fail_without_a_cache(data, tmp_path):
     assert partial_folders(tmp_path) == []
 
 
+def test_bad_fraction_error_shows_the_undecodable_files(tmp_path):
+    """Missing files are listed in `skipped` too, but the error is about decoding: its examples
+    must be the files that failed to decode, not the first missing ones."""
+    root = tmp_path / "rsna"
+    [truncated] = generate(root, **DATA)["truncated"]
+    files = find_dicom_files(root)
+    for gone in [name for name in sorted(files) if name != truncated][:3]:
+        files[gone].unlink()
+    with pytest.raises(DataError, match="max_bad_fraction") as caught:
+        ensure_cache(config(root, tmp_path / "cache", max_bad_fraction=0.001), root, quiet)
+    assert f"{truncated}: truncated pixel data" in str(caught.value)
+
+
 def test_stricter_max_bad_fraction_applies_to_an_existing_cache(data, hu_cache):
     """The threshold is policy, not part of the key: a cache built under a looser one must not
     let a run with a stricter one go ahead on more bad images than it allows."""
@@ -312,3 +325,17 @@ def test_missing_data_is_a_clear_error(tmp_path):
     assert str(empty) in message and LABELS_CSV in message
     assert f"demo-data --out {empty}" in message
     assert list(empty.iterdir()) == []  # nothing generated without data.synthetic
+
+
+def test_synthetic_data_is_never_written_into_a_foreign_folder(tmp_path):
+    """A folder with DICOM files but no labels CSV (a download in progress, a renamed CSV) must not
+    get synthetic slices mixed into it just because the experiment also sets data.synthetic."""
+    other = tmp_path / "other"
+    generate(other, studies=2, slices=2, size=32, quirk_rate=0.0)
+    root = tmp_path / "rsna"
+    shutil.copytree(other / TRAIN_DIR, root / TRAIN_DIR)  # the slices, not their CSV
+    before = sorted(root.rglob("*"))
+    cfg = DataConfig(root=str(root), synthetic=SyntheticConfig(studies=2, slices=1, size=32))
+    with pytest.raises(DataError, match=str(root)):
+        resolve_root(cfg, quiet)
+    assert sorted(root.rglob("*")) == before

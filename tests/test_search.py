@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def write_space(tmp_path: Path, tiny_rsna: Path, **settings) -> Path:
     space = {
-        "experiment": tiny_tree(tiny_rsna, tmp_path / "cache", logging={"tensorboard": True},
-                                optimizer={"lr": {"grid_search": [0.003, 0.0003]}}),
+        "experiment": tiny_tree(tiny_rsna, tmp_path / "cache",
+                                optimizer={"lr": {"grid_search": [0.003, 0.0003]}},
+                                logging={"tensorboard": True, "plot_interval": 3}),
         "num_train_steps": 6, "val_interval": 3, "metric": "val_log_loss", "mode": "min",
         "scheduler": {"name": "asha", "grace_period": 3, "reduction_factor": 2},
         "resources": {"cpu": 1, "gpu": 0}, "storage": str(tmp_path / "runs"),
@@ -65,12 +66,16 @@ def test_search_records_every_trial_and_the_best_model(ray_cluster, tiny_rsna, t
     assert "best_val_log_loss" in parent.data.metrics
     artifacts = {a.path for a in client.list_artifacts(outcome.parent_run_id)}
     assert {"trials.csv", "best", "search"} <= artifacts
+    best_files = {Path(a.path).name for a in client.list_artifacts(outcome.parent_run_id, "best")}
+    assert best_files == {"weights.pt", "config.yaml", "examples.png", "roc.png", "curves.png"}
     children = child_runs(client, outcome.parent_run_id)
     assert len(children) == 2 and {c.info.status for c in children} == {"FINISHED"}
     for child in children:
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_log_loss")]
         assert steps == sorted(set(steps)) and steps[0] == 3  # each validation once, at its step
         assert child.data.params["train.max_steps"] == "6"
+        plots = client.list_artifacts(child.info.run_id, "plots")
+        assert plots and plots[0].path == "plots/step_0000003"  # the example grid at each plot_interval
 
     model = mlflow.pytorch.load_model(f"runs:/{outcome.parent_run_id}/model")
     weights = torch.load(client.download_artifacts(outcome.parent_run_id, "best/weights.pt", str(tmp_path)),

@@ -53,6 +53,22 @@ class Cache:
     valid: np.ndarray  # False where the slice could not be decoded
     manifest: dict
 
+    def rows(self, indices: np.ndarray) -> Rows:
+        """The images at `indices`, read one at a time when asked for (plots need only a few)."""
+        return Rows(self.images, indices)
+
+
+@dataclass
+class Rows:
+    array: np.ndarray
+    indices: np.ndarray
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.array[self.indices[i]]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ich_tune"
