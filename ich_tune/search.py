@@ -80,7 +80,8 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
         cfg.seed = zlib.crc32(context.get_trial_id().encode())
     if torch.cuda.is_available() and 0 < settings.gpu_fraction < 1:
         cfg.train.cuda_memory_fraction = cfg.train.cuda_memory_fraction or settings.gpu_fraction
-    cache = settings.cache_path if cfg.data == settings.data else prepare_cache(cfg.data)
+    prepared = cfg.data == settings.data and (settings.cache_path / "manifest.json").is_file()
+    cache = settings.cache_path if prepared else prepare_cache(cfg.data)  # another node builds its own
 
     def report(metrics: dict, folder: Path | None) -> None:
         checkpoint = tune.Checkpoint.from_directory(str(folder)) if folder else None

@@ -51,6 +51,12 @@ def parent_run(client: MlflowClient, exp_id: str, search_dir: Path, run_name: st
     return run.info.run_id
 
 
+def child_runs(client: MlflowClient, parent_run_id: str) -> list:
+    """The trial runs of a search's parent run."""
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    return client.search_runs([experiment], f"tags.`{TAG_PARENT}` = '{parent_run_id}'", max_results=10000)
+
+
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     """{"model": {"dropout": 0.1}} -> {"model.dropout": 0.1}."""
     flat = {}

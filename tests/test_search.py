@@ -11,6 +11,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from ich_tune.tracking import child_runs
 from tests.conftest import tiny_tree
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,11 +40,6 @@ def ray_cluster():
     ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
-
-
-def child_runs(client: MlflowClient, parent_id: str) -> list:
-    experiment_id = client.get_run(parent_id).info.experiment_id
-    return client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
 
 
 @pytest.mark.slow

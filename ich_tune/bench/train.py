@@ -1,0 +1,156 @@
+"""Steps/s of the real training loop against a bare loop of the same model (and GPU throughput).
+
+The real loop is `ich_tune.train.train` itself, unchanged: it gathers batches from the memory-mapped
+cache, steps the schedule and logs. It is timed between two of its own progress lines, so set-up and
+the final validation stay outside the measurement. The bare loop runs the same model, loss and
+optimizer on one batch of tensors held in memory: what the loop would cost with free data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--experiment", type=Path, default=Path("experiments/demo.yaml"))
+    parser.add_argument("--steps", type=int, default=150, help="timed steps per repeat")
+    parser.add_argument("--repeats", type=int, default=3, help="real and bare runs, interleaved")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ich_tune.config import load_experiment
+    from ich_tune.data.prepare import prepare_cache
+
+    config, _ = load_experiment(args.experiment)
+    warmup = 10
+    config.train.max_steps = warmup + args.steps
+    config.train.val_interval = 10**9  # validation off (train still validates once, after the last step)
+    config.train.val_batches = 1
+    config.logging.print_interval = warmup
+    config.logging.tensorboard = False
+    config.logging.plot_interval = 10**9
+    cache = prepare_cache(config.data, log=lambda *_: None)
+    threads = torch.get_num_threads()
+    real, bare = [], []
+    for _ in range(args.repeats):
+        real.append(real_loop_rate(config, cache, warmup))
+        bare.append(bare_loop_rate(config, cache, args.steps))
+    figures = {
+        "machine": f"{os.cpu_count()} CPU cores, {threads} torch threads"
+                   + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
+        "experiment": str(args.experiment), "batch_size": config.train.batch_size,
+        "input": list(cache_shape(cache)), "real_steps_per_s": max(real), "bare_steps_per_s": max(bare),
+        "ratio": max(real) / max(bare), "target_ratio": 0.95,
+    }
+    print(f"bench train: {figures['experiment']}, batch {figures['batch_size']}, input {figures['input']}, "
+          f"{figures['machine']}")
+    print(f"  real loop   {figures['real_steps_per_s']:8.2f} steps/s   (best of {args.repeats}: "
+          f"{', '.join(f'{r:.2f}' for r in real)})")
+    print(f"  bare loop   {figures['bare_steps_per_s']:8.2f} steps/s   (best of {args.repeats}: "
+          f"{', '.join(f'{b:.2f}' for b in bare)})")
+    verdict = "PASS" if figures["ratio"] >= 0.95 else "FAIL"
+    print(f"  ratio       {figures['ratio']:8.3f}   target >= 0.95: {verdict}")
+    if torch.cuda.is_available():
+        figures["gpu"] = gpu_table()
+    else:
+        print("  no CUDA device: the GPU figures (256x256 batch 12, 512x512 batch 4, AMP) need one")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1))
+    return 0
+
+
+def cache_shape(cache_path: Path) -> tuple[int, ...]:
+    from ich_tune.data.cache import open_cache
+
+    return open_cache(cache_path).images.shape[1:]
+
+
+def real_loop_rate(config, cache: Path, warmup: int) -> float:
+    """Steps/s of `train` between its progress lines at step `warmup` and at the last step."""
+    import tempfile
+
+    from ich_tune.train import train
+
+    stamps: dict[int, float] = {}
+
+    def log(line: str) -> None:
+        if line.startswith("step") and " loss " in line:
+            stamps[int(line.split()[1].split("/")[0])] = time.perf_counter()
+
+    with tempfile.TemporaryDirectory() as out:
+        train(config, cache, Path(out), log=log)
+    last = max(stamps)
+    return (last - warmup) / (stamps[last] - stamps[warmup])
+
+
+def bare_loop_rate(config, cache: Path, steps: int) -> float:
+    """Steps/s of forward, backward and optimizer step on one batch already in memory."""
+    import torch
+
+    from ich_tune.data.cache import open_cache
+    from ich_tune.data.channels import to_float
+    from ich_tune.model import build_model
+    from ich_tune.optim import make_loss, make_optimizer
+
+    images = open_cache(cache).images
+    batch = torch.from_numpy(images[: config.train.batch_size].copy())
+    labels = torch.zeros(config.train.batch_size, config.model.num_classes)
+    model = build_model(config.model, in_channels=images.shape[1])
+    loss_fn = make_loss(config.loss.objective)
+    optimizer = make_optimizer(config.optimizer, model.parameters())
+    model.train()
+    for step in range(steps + 10):
+        if step == 10:
+            start = time.perf_counter()
+        loss = loss_fn(model(to_float(batch)), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss.item()
+    return steps / (time.perf_counter() - start)
+
+
+def gpu_table() -> list[dict]:
+    """Samples/s and peak memory of the halfres model at the original's two input sizes, AMP on/off."""
+    import torch
+
+    from ich_tune.model import ResNetClassifier2d
+    from ich_tune.optim import make_loss
+
+    rows = []
+    print(f"  GPU: {torch.cuda.get_device_name()}, halfres model (hidden_dims 256,192,128,64), MSE, Adam")
+    print(f"  {'input':>9} {'batch':>5} {'amp':>5} {'samples/s':>10} {'peak MiB':>9}")
+    for size, batch_size in ((256, 12), (512, 4)):
+        for amp in (None, torch.bfloat16):
+            model = ResNetClassifier2d(1, hidden_dims=(256, 192, 128, 64), dropout=0.15).cuda()
+            model = model.to(memory_format=torch.channels_last)
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+            loss_fn = make_loss("mse")
+            x = torch.randn(batch_size, 1, size, size, device="cuda").contiguous(
+                memory_format=torch.channels_last)
+            y = torch.zeros(batch_size, 6, device="cuda")
+            torch.cuda.reset_peak_memory_stats()
+            for step in range(60):
+                if step == 10:
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                with torch.autocast("cuda", dtype=amp, enabled=amp is not None):
+                    loss = loss_fn(model(x).float(), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            torch.cuda.synchronize()
+            rate = 50 * batch_size / (time.perf_counter() - start)
+            peak = torch.cuda.max_memory_allocated() / 2**20
+            name = "bf16" if amp else "off"
+            print(f"  {size:>4}x{size:<4} {batch_size:>5} {name:>5} {rate:>10.1f} {peak:>9.0f}")
+            rows.append({"size": size, "batch": batch_size, "amp": name, "samples_per_s": rate,
+                         "peak_mib": peak})
+    return rows
