@@ -76,6 +76,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     config, _ = _experiment(args)
     out = args.out or Path("runs/train") / f"{args.file.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
+    if config.model.init_from:  # an MLflow run or search is fetched to a file once, here
+        from ich_tune.weights import resolve_weights
+
+        config.model.init_from = str(resolve_weights(config.model.init_from, None, out / "init")[0])
     (out / "config.yaml").write_text(_yaml(dataclasses.asdict(config)))
     started = time.perf_counter()
     cache = prepare_cache(config.data)
@@ -134,6 +138,50 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"  compare trials: mlflow ui --backend-store-uri {outcome.tracking_uri}")
     finished = [t for t in outcome.trials if t["status"] == "finished"]
     return 0 if finished else 1
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from ich_tune.predict import predict_folder, write_submission
+    from ich_tune.weights import load_trained
+
+    if args.out.is_dir():  # found now, not after the whole folder has been predicted
+        raise UserError(f"--out {args.out}: a folder; give the submission file to write, e.g. "
+                        f"{args.out / 'submission.csv'}")
+    model, config = load_trained(args.model, args.tracking_uri, args.config)
+    started = time.perf_counter()
+    ids, probs, unreadable = predict_folder(model, config, args.dicom_dir, args.batch_size)
+    write_submission(args.out, ids, probs)
+    print(f"{len(ids)} images in {time.perf_counter() - started:.0f} s -> {args.out} "
+          f"({len(ids) * probs.shape[1]} rows)")
+    if unreadable:
+        print(f"{len(unreadable)} unreadable, predicted at the training label rates:")
+        for name, reason in list(unreadable.items())[:20]:
+            print(f"  {name}: {reason}")
+        if len(unreadable) > 20:
+            print(f"  ... and {len(unreadable) - 20} more")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ich_tune.metrics import format_metrics
+    from ich_tune.predict import evaluate_split
+    from ich_tune.weights import load_trained
+
+    model, config = load_trained(args.model, args.tracking_uri, args.config)
+    if args.data_root:
+        config.data.root = str(args.data_root)
+    metrics = evaluate_split(model, config, args.split, args.batch_size)
+    what = "the validation split" if args.split == "val" else "all labelled slices"
+    print(f"\n{args.model} on {what} of {config.data.root}:")
+    print(format_metrics(metrics))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ich_tune.report import search_report
+
+    print(search_report(args.name, args.sort, args.tracking_uri, args.run))
+    return 0
 
 
 def trials_table(rows: list[dict]) -> str:
@@ -196,13 +244,33 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num-gpus", type=int, help="GPUs a local Ray declares (default: detected)")
     run.set_defaults(func=cmd_run)
 
+    predict = verbs.add_parser("predict", help="write a Kaggle submission for a folder of DICOM slices")
+    evaluate = verbs.add_parser("evaluate", help="the metric table of a trained model on labelled slices")
+    for sub in (predict, evaluate):
+        sub.add_argument("--model", required=True, metavar="MODEL",
+                         help="weights.pt, a checkpoint folder, an MLflow run id, runs:/ID or search:NAME")
+        sub.add_argument("--config", type=Path, help="experiment file of the model (default: its own)")
+        sub.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///runs/mlflow.db)")
+        sub.add_argument("--batch-size", type=int, help="slices per batch (default: the training batch)")
+    predict.add_argument("--dicom-dir", type=Path, required=True, help="folder of ID_*.dcm (stage_2_test)")
+    predict.add_argument("--out", type=Path, required=True, help="submission CSV to write")
+    predict.set_defaults(func=cmd_predict)
+    evaluate.add_argument("--data-root", type=Path, help="RSNA-layout folder (sets data.root)")
+    evaluate.add_argument("--split", choices=("val", "all"), default="val",
+                          help="val: the patients training held out (default); all: every labelled slice")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    report = verbs.add_parser("report", help="the trials and best config of a search, from MLflow")
+    report.add_argument("name", help="search name (the MLflow experiment)")
+    report.add_argument("--sort", metavar="METRIC", help="metric to rank by (default: the search's)")
+    report.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///runs/mlflow.db)")
+    report.add_argument("--run", help="parent run id of the search (default: the latest)")
+    report.set_defaults(func=cmd_report)
+
     bench = verbs.add_parser("bench", help="benchmarks: data, train, search, packing")
     kinds = bench.add_subparsers(dest="benchmark", required=True, metavar="NAME")
     for name, module in BENCHMARKS.items():
-        try:
-            bench_module = importlib.import_module(module)
-        except ModuleNotFoundError:
-            continue
+        bench_module = importlib.import_module(module)
         sub = kinds.add_parser(name, help=bench_module.__doc__.strip().splitlines()[0])
         bench_module.add_arguments(sub)
         sub.set_defaults(func=bench_module.run)

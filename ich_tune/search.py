@@ -130,11 +130,18 @@ def absolute_paths(tree: dict, data_root: Path | None) -> dict:
     for key in ("root", "cache_dir"):
         if isinstance(data.get(key), str):
             data[key] = str(Path(data[key]).expanduser().resolve())
-    init_from = tree.get("model", {}).get("init_from")
-    out = {**tree, "data": data}
-    if isinstance(init_from, str) and Path(init_from).expanduser().exists():
-        out["model"] = {**tree["model"], "init_from": str(Path(init_from).expanduser().resolve())}
-    return out
+    return {**tree, "data": data}
+
+
+def resolve_init_from(tree: dict, tracking_uri: str, dest: Path) -> dict:
+    """`model.init_from` as a local weights file: an MLflow run or a search's best is fetched once."""
+    from ich_tune.weights import resolve_weights
+
+    spec = tree.get("model", {}).get("init_from")
+    if not isinstance(spec, str):
+        return tree
+    path, _ = resolve_weights(spec, tracking_uri, dest)
+    return {**tree, "model": {**tree["model"], "init_from": str(path.resolve())}}
 
 
 def start_ray(options: RunOptions, log=print) -> None:
@@ -188,7 +195,10 @@ def run_search(search: Search, options: RunOptions, log=print) -> SearchOutcome:
         raise UserError(f"--resume: {run_dir} holds no search state to resume.")
     if not options.resume and run_dir.exists():
         raise UserError(f"{run_dir} exists already: add --resume to continue it, or pick another --name.")
-    experiment = absolute_paths(search.experiment, options.data_root)
+    storage = Path(config.storage).resolve()
+    uri = options.tracking_uri or config.tracking_uri or tracking.default_tracking_uri(storage)
+    experiment = resolve_init_from(absolute_paths(search.experiment, options.data_root), uri,
+                                   storage / "init_weights" / search.name)
     budget = trial_budget(search)
     first = build_experiment(substitute(experiment, {d.path: d.candidates()[0] for d in search.dimensions}),
                              search.origins)
@@ -201,13 +211,12 @@ def run_search(search: Search, options: RunOptions, log=print) -> SearchOutcome:
             "ignored)")
         resources["gpu"] = 0
 
-    storage = Path(config.storage).resolve()
     storage.mkdir(parents=True, exist_ok=True)
-    uri = options.tracking_uri or config.tracking_uri or tracking.default_tracking_uri(storage)
     client = MlflowClient(uri)
     exp_id = tracking.experiment_id(client, search.name, storage / "mlartifacts")
     parent_id = tracking.parent_run(client, exp_id, run_dir, run_dir.name, {
-        "ich_tune.search_file": str(search.path), "ich_tune.search": search.name})
+        "ich_tune.search_file": str(search.path), "ich_tune.search": search.name,
+        tracking.TAG_METRIC: config.metric})
     if not options.resume:
         client.log_text(parent_id, json.dumps({"experiment": experiment}, indent=1), "search/experiment.json")
         client.log_artifact(parent_id, str(search.path), "search")

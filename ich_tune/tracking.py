@@ -26,6 +26,7 @@ TAG_SEARCH_DIR = "ich_tune.search_dir"
 TAG_TRIAL_ID = "ich_tune.trial_id"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_STOPPED_EARLY = "ich_tune.stopped_early"
+TAG_METRIC = "ich_tune.metric"  # the metric the search optimised, on its parent run
 
 
 def default_tracking_uri(storage: Path) -> str:

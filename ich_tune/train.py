@@ -91,7 +91,7 @@ def train(cfg: ExperimentConfig, cache_path: Path, out_dir: Path, report: Report
     splits = load_splits(cache_path, cfg.data, log)
     model = build_model(cfg.model, in_channels=splits.cache.images.shape[1])
     if cfg.model.init_from and resume_from is None:
-        loaded = load_weights(model, _weights_path(cfg.model.init_from))
+        loaded = load_weights(model, Path(cfg.model.init_from).expanduser())
         log(f"model: {loaded} tensors loaded from {cfg.model.init_from}")
     model.to(device)
     channels_last = device.type == "cuda" and cfg.train.channels_last
@@ -243,13 +243,6 @@ def _save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, scal
 def _discard(folder: Path | None) -> None:
     if folder is not None:
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def _weights_path(source: str) -> Path:
-    path = Path(source).expanduser()
-    if path.is_dir():
-        path = path / CHECKPOINT_FILE
-    return path
 
 
 def _tensorboard(folder: Path, enabled: bool):

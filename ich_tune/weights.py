@@ -1,0 +1,196 @@
+"""Where trained weights come from: a local file or folder, an MLflow run, or a search's best model.
+
+`predict` and `evaluate` take one --model argument in any of these forms. They need the weights and
+the experiment config that trained them: the config rebuilds the same network and the same input
+channels and size, so a model is never fed pixels prepared differently from its training data.
+MLflow (and Ray, through ich_tune.tracking) is imported only for the MLflow forms, so a local
+weights file loads without their start-up cost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import yaml
+
+from ich_tune.config import build_experiment, load_experiment
+from ich_tune.config.schema import ExperimentConfig
+from ich_tune.data.channels import parse_channels
+from ich_tune.errors import ConfigError, UserError
+from ich_tune.model import build_model, load_weights
+from ich_tune.train import CHECKPOINT_FILE
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+WEIGHTS_FILE = "weights.pt"  # what `train` writes and a search's parent run holds under best/
+CONFIG_FILE = "config.yaml"
+WEIGHTS_ARTIFACT = f"best/{WEIGHTS_FILE}"
+CONFIG_ARTIFACT = f"best/{CONFIG_FILE}"
+RAY_PARAMS = "params.json"  # a Ray trial folder's copy of the trial's experiment tree
+RUN_ID = re.compile(r"[0-9a-f]{32}")
+FORMS = ("a weights file (.pt), a checkpoint or train --out folder, an MLflow run id (32 hex digits), "
+         "runs:/<run id> or search:<name>")
+
+
+def default_tracking_uri() -> str:
+    """The SQLite store a search writes by default (`runs/mlflow.db` under the working directory)."""
+    from ich_tune.tracking import default_tracking_uri as for_storage
+
+    return for_storage(Path("runs"))
+
+
+def mlflow_client(tracking_uri: str | None) -> tuple[MlflowClient, str]:
+    """An MlflowClient and its URI; refuses a SQLite path that does not exist (MLflow would create it)."""
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bars for a file or two are noise
+    uri = tracking_uri or default_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        database = Path(uri.removeprefix("sqlite:///"))
+        if not database.is_file():
+            raise UserError(f"no MLflow database at {database}: run a search first (`python -m ich_tune "
+                            "run ...`) from this folder, or pass --tracking-uri.")
+    return MlflowClient(uri), uri
+
+
+@contextlib.contextmanager
+def tracking_errors() -> Iterator[None]:
+    """An MLflow failure (bad URI scheme, server unreachable, ...) as one line for the user."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as err:
+        message = str(err.message).strip() or type(err).__name__
+        raise UserError(f"MLflow: {message.splitlines()[0]} (check --tracking-uri)") from None
+
+
+def known_searches(client) -> str:
+    """The experiment names in a tracking store, for messages."""
+    names = sorted(e.name for e in client.search_experiments() if e.name != "Default")
+    return ", ".join(names) if names else "none yet"
+
+
+def resolve_weights(spec: str, tracking_uri: str | None, dest: Path) -> tuple[Path, dict | None]:
+    """A local weights file for `spec` (downloaded into `dest` if remote) and the experiment tree
+    that trained it, or None where no config is found."""
+    if spec.startswith("search:"):
+        with tracking_errors():
+            return _from_search(spec.removeprefix("search:"), tracking_uri, dest)
+    path = Path(spec).expanduser()
+    if path.exists():
+        return _from_path(path)
+    run_id = spec.removeprefix("runs:/").rstrip("/")
+    if RUN_ID.fullmatch(run_id):
+        with tracking_errors():
+            return _from_run(run_id, tracking_uri, dest)
+    raise UserError(f"model '{spec}': no such file or folder, and not an MLflow run id. Give {FORMS}.")
+
+
+def load_trained(spec: str, tracking_uri: str | None,
+                 config_path: Path | None = None) -> tuple[torch.nn.Module, ExperimentConfig]:
+    """The trained network in eval mode and its experiment config (`config_path` overrides it)."""
+    with tempfile.TemporaryDirectory(prefix="ich_tune-weights-") as tmp:
+        weights, tree = resolve_weights(spec, tracking_uri, Path(tmp))
+        if config_path is not None:
+            config, _ = load_experiment(config_path)
+        elif tree is None:
+            raise UserError(f"model '{spec}': no {CONFIG_FILE} beside {weights}, so the network and its "
+                            "input channels are unknown; pass --config with the experiment file it was "
+                            "trained with.")
+        else:
+            config = _build(tree, spec)
+        model = build_model(config.model, in_channels=len(parse_channels(config.data.channels)))
+        load_weights(model, weights)
+    return model.eval(), config
+
+
+def _from_path(path: Path) -> tuple[Path, dict | None]:
+    if path.is_dir():
+        found = [path / name for name in (CHECKPOINT_FILE, WEIGHTS_FILE) if (path / name).is_file()]
+        if not found:
+            raise UserError(f"model '{path}': a folder without {CHECKPOINT_FILE} or {WEIGHTS_FILE}. "
+                            f"Give {FORMS}.")
+        path = found[0]
+    return path, _config_near(path)
+
+
+def _config_near(weights: Path) -> dict | None:
+    """config.yaml beside the weights or one folder up (train's checkpoint_N/ folders), else a Ray
+    trial's params.json one folder up (its checkpoint_N/ folders)."""
+    for folder in (weights.parent, weights.parent.parent):
+        if (folder / CONFIG_FILE).is_file():
+            return _read_tree(folder / CONFIG_FILE)
+    params = weights.parent.parent / RAY_PARAMS
+    return _read_tree(params) if params.is_file() else None
+
+
+def _read_tree(path: Path) -> dict:
+    try:
+        text = path.read_text()
+        tree = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise UserError(f"{path}: cannot read the experiment config ({err}).") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"{path}: expected an experiment config (a mapping), got {type(tree).__name__}.")
+    return tree
+
+
+def _build(tree: dict, source: str) -> ExperimentConfig:
+    try:
+        return build_experiment(tree, {})
+    except ConfigError as err:
+        raise ConfigError(f"the config of model '{source}': {err}") from None
+
+
+def _from_run(run_id: str, tracking_uri: str | None, dest: Path) -> tuple[Path, dict | None]:
+    """best/weights.pt and best/config.yaml of a search's parent run."""
+    from mlflow.exceptions import MlflowException
+
+    from ich_tune.tracking import TAG_PARENT
+
+    client, uri = mlflow_client(tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise UserError(f"MLflow run {run_id} not found in {uri}; check the id (`mlflow ui "
+                        f"--backend-store-uri {uri}` lists runs) or pass --tracking-uri.") from None
+    files = {Path(f.path).name for f in client.list_artifacts(run_id, "best")}
+    if WEIGHTS_FILE not in files:
+        parent = run.data.tags.get(TAG_PARENT)
+        hint = (f"it is one trial of search run {parent}: use that id, or search:<name>" if parent
+                else "only a search's parent run holds the best weights, once the search has finished")
+        raise UserError(f"MLflow run {run_id} has no {WEIGHTS_ARTIFACT} artifact; {hint}.")
+    weights = Path(client.download_artifacts(run_id, WEIGHTS_ARTIFACT, str(dest)))
+    tree = None
+    if CONFIG_FILE in files:
+        tree = _read_tree(Path(client.download_artifacts(run_id, CONFIG_ARTIFACT, str(dest))))
+    return weights, tree
+
+
+def _from_search(name: str, tracking_uri: str | None, dest: Path) -> tuple[Path, dict | None]:
+    """The latest finished search of that name that saved its best weights."""
+    from ich_tune.tracking import TAG_SEARCH_DIR
+
+    client, uri = mlflow_client(tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        raise UserError(f"search:{name}: no search of that name in {uri} (known: {known_searches(client)}); "
+                        "pass --tracking-uri if it was recorded elsewhere.")
+    parents = client.search_runs([experiment.experiment_id],
+                                 f"tags.`{TAG_SEARCH_DIR}` LIKE '%' AND attributes.status = 'FINISHED'",
+                                 order_by=["attributes.start_time DESC"])
+    for run in parents:
+        if any(f.path == WEIGHTS_ARTIFACT for f in client.list_artifacts(run.info.run_id, "best")):
+            return _from_run(run.info.run_id, uri, dest)
+    raise UserError(f"search:{name}: no finished search run with {WEIGHTS_ARTIFACT} in {uri}; wait for "
+                    "the search to finish, or give a trial's checkpoint folder instead.")
