@@ -156,3 +156,21 @@ def test_missing_data_fails_with_the_fix(tmp_path):
     output, _ = driver.communicate(timeout=60)
     assert driver.returncode == 2, output
     assert "nowhere: no stage_2_train.csv there" in output and "demo-data" in output
+
+
+def test_init_from_a_search_is_fetched_to_a_local_file_before_trials_start(tiny_rsna, tmp_path):
+    import torch
+
+    from ich_tune.search import resolve_init_from
+    from tests.test_weights import record_search, save_trained
+
+    folder, model = save_trained(tiny_rsna, tmp_path / "halfres-run")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    record_search(uri, "halfres", folder, [{"id": "t0", "params": {}, "metrics": {"val_accuracy": [0.9]}}])
+    tree = {"model": {"init_from": "search:halfres", "dropout": 0.1}, "data": {"lod": 0}}
+    resolved = resolve_init_from(tree, uri, tmp_path / "init")
+    weights = Path(resolved["model"]["init_from"])
+    assert weights.is_absolute() and weights.is_file() and resolved["data"] == {"lod": 0}
+    for name, tensor in torch.load(weights, weights_only=True).items():
+        assert torch.equal(tensor, model.state_dict()[name])
+    assert resolve_init_from({"model": {"dropout": 0.1}}, uri, tmp_path) == {"model": {"dropout": 0.1}}
