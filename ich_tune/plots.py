@@ -19,11 +19,10 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
-from ich_tune.data.labels import CLASSES
+from ich_tune.data.labels import CLASSES, SHORT_NAMES
 from ich_tune.metrics import THRESHOLD, roc_auc
 
 COLUMNS = ("Control", *(name.capitalize() for name in CLASSES))
-ABBREVIATIONS = ("EDH", "IPH", "IVH", "SAH", "SDH")  # radiology shorthand for the five subtypes
 RED = (0.86, 0.08, 0.08)  # accuracy at or below the baseline
 GREEN = (0.05, 0.90, 0.05)  # accuracy 1.0
 BRAIN_WINDOW = (40.0, 80.0)  # center, width in HU, for "hu" channels
@@ -136,7 +135,7 @@ def _draw_example(image_ax: Axes, bar_ax: Axes, image: np.ndarray, label_row: np
                   prob_row: np.ndarray, column: str, baseline: float) -> None:
     picture = display_image(image)
     image_ax.imshow(picture, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-    present = [name for name, y in zip(ABBREVIATIONS, label_row[:-1], strict=True) if y == 1]
+    present = [name for name, y in zip(SHORT_NAMES[:-1], label_row[:-1], strict=True) if y == 1]
     image_ax.text(0.03, 0.97, " ".join(present) or "no bleed", transform=image_ax.transAxes,
                   fontsize=8, color="white", va="top", ha="left",
                   bbox={"facecolor": "black", "alpha": 0.6, "pad": 1.5, "linewidth": 0})

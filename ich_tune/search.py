@@ -241,6 +241,7 @@ def run_search(search: Search, options: RunOptions, log=print) -> SearchOutcome:
                 max_concurrent_trials=config.max_concurrent_trials),
             run_config=tune.RunConfig(
                 name=run_dir.name, storage_path=str(run_dir.parent), callbacks=[callback],
+                verbose=1,  # status tables and trial starts and ends; per-result tables drown the logs
                 checkpoint_config=tune.CheckpointConfig(
                     num_to_keep=config.keep_checkpoints, checkpoint_score_attribute=config.metric,
                     checkpoint_score_order=config.mode),

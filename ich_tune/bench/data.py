@@ -49,12 +49,13 @@ def run(args: argparse.Namespace) -> int:
     files = warm_page_cache(root)
     baseline = per_sample_rate(root, files, cfg, args.batch_size, args.baseline_samples)
     build, cache_path = cache_build_rate(cfg, root)
-    cached, cached_float, nbytes = cached_rate(cache_path, args.batch_size, args.batches)
+    (cached, cached_float, cached_float_1), nbytes = cached_rate(cache_path, args.batch_size, args.batches)
     shutil.rmtree(args.work / "cache")
     figures = {
         "images": args.images, "size": cfg.size, "batch_size": args.batch_size,
         "baseline_samples_per_s": baseline, "build_samples_per_s": build,
         "cached_samples_per_s": cached, "cached_float_samples_per_s": cached_float,
+        "cached_float_1_thread_samples_per_s": cached_float_1,
         "cached_vs_baseline": cached / baseline, "build_vs_baseline": build / baseline,
         "cache_bytes_per_1000_images": nbytes * 1000 / args.images,
         "cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
@@ -143,11 +144,13 @@ def cache_build_rate(cfg: DataConfig, root: Path) -> tuple[float, Path]:
     return rate, path
 
 
-def cached_rate(path: Path, batch_size: int, batches: int) -> tuple[float, float, int]:
-    """(c) samples/s of TrainBatches over the cache: as stored (float16), and after to_float."""
+def cached_rate(path: Path, batch_size: int, batches: int) -> tuple[list[float], int]:
+    """(c) samples/s of TrainBatches over the cache: as stored (float16), then after to_float with
+    torch's default threads and with one (its thread pool costs more than it saves on busy cores)."""
     from itertools import islice
 
     import numpy as np
+    import torch
 
     from ich_tune.data.cache import open_cache
     from ich_tune.data.channels import to_float
@@ -157,16 +160,19 @@ def cached_rate(path: Path, batch_size: int, batches: int) -> tuple[float, float
     stream = iter(TrainBatches(cache, np.flatnonzero(cache.valid), batch_size, seed=0))
     for _ in islice(stream, 200):  # warm-up: page in the array, settle the allocator
         pass
+    threads = torch.get_num_threads()
     rates = []
-    for convert in (False, True):
+    for convert_threads in (None, threads, 1):
+        torch.set_num_threads(convert_threads or threads)
         started = time.perf_counter()
         for images, _ in islice(stream, batches):
-            if convert:
+            if convert_threads:
                 to_float(images)
         rates.append(batches * batch_size / (time.perf_counter() - started))
+    torch.set_num_threads(threads)
     print(f"(c) cached loader: {batches} batches, {rates[0]:,.0f}/s as {cache.images.dtype}, "
-          f"{rates[1]:,.0f}/s with to_float")
-    return rates[0], rates[1], cache.manifest["bytes"]
+          f"{rates[1]:,.0f}/s with to_float ({threads} threads), {rates[2]:,.0f}/s (1 thread)")
+    return rates, cache.manifest["bytes"]
 
 
 def table(f: dict) -> str:
@@ -176,7 +182,9 @@ def table(f: dict) -> str:
         ("(a) baseline: pydicom + HU + resize per sample, 1 process", base),
         (f"(b) cache build from scratch, {f['usable_cpus']} processes", f["build_samples_per_s"]),
         ("(c) cached loader (TrainBatches), float16 batches", f["cached_samples_per_s"]),
-        ("    ... including to_float (float32 model input)", f["cached_float_samples_per_s"]),
+        (f"    ... + to_float (float32), {f['torch_threads']} torch threads",
+         f["cached_float_samples_per_s"]),
+        ("    ... + to_float (float32), 1 torch thread", f["cached_float_1_thread_samples_per_s"]),
     ]
     targets = [
         (f"cached loading >= {TARGET_RATIO:g}x baseline", f"{f['cached_vs_baseline']:.1f}x",

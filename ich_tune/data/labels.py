@@ -25,6 +25,7 @@ CLASSES = (
     "subdural",
     "any",
 )
+SHORT_NAMES = ("EDH", "IPH", "IVH", "SAH", "SDH", "any")  # radiology shorthand, for tables and plots
 HEADER = "ID,Label"
 _MAX_HEX = 15  # hex digits that fit beside a 4-bit length in one uint64 key
 _ID = re.compile(rf"ID_[0-9a-f]{{1,{_MAX_HEX}}}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ich_tune.data.labels import CLASSES
+from ich_tune.data.labels import SHORT_NAMES
 
 
 def patient_groups(patient_ids: np.ndarray, study_uids: np.ndarray) -> np.ndarray:
@@ -37,5 +37,5 @@ def split_by_group(groups: np.ndarray, train_fraction: float, seed: int, folds: 
 
 def describe_split(name: str, labels: np.ndarray, groups: np.ndarray) -> str:
     """One line: counts and label rates, so a reader sees what a split holds."""
-    rates = " ".join(f"{c[:4]} {r:.1%}" for c, r in zip(CLASSES, labels.mean(axis=0), strict=True))
+    rates = " ".join(f"{c} {r:.1%}" for c, r in zip(SHORT_NAMES, labels.mean(axis=0), strict=True))
     return f"{name:<5} {len(labels):>7} slices {len(np.unique(groups)):>6} patients | {rates}"
