@@ -7,7 +7,7 @@ prepares the data once before any trial starts, and alone talks to MLflow.
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import os
 import time
 import zlib
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray
+import yaml
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -218,7 +219,8 @@ def run_search(search: Search, options: RunOptions, log=print) -> SearchOutcome:
         "ich_tune.search_file": str(search.path), "ich_tune.search": search.name,
         tracking.TAG_METRIC: config.metric})
     if not options.resume:
-        client.log_text(parent_id, json.dumps({"experiment": experiment}, indent=1), "search/experiment.json")
+        resolved = {**dataclasses.asdict(config), "experiment": experiment}
+        client.log_text(parent_id, yaml.safe_dump(resolved, sort_keys=False), "search/resolved.yaml")
         client.log_artifact(parent_id, str(search.path), "search")
     log(f"MLflow: parent run {parent_id} in experiment '{search.name}'; compare trials with\n"
         f"  mlflow ui --backend-store-uri {uri}")

@@ -174,3 +174,24 @@ def test_init_from_a_search_is_fetched_to_a_local_file_before_trials_start(tiny_
     for name, tensor in torch.load(weights, weights_only=True).items():
         assert torch.equal(tensor, model.state_dict()[name])
     assert resolve_init_from({"model": {"dropout": 0.1}}, uri, tmp_path) == {"model": {"dropout": 0.1}}
+
+
+def test_optuna_hears_of_asha_stopped_trials_as_pruned():
+    from optuna.trial import TrialState
+    from ray import tune
+
+    from ich_tune.config.schema import SearchConfig
+    from ich_tune.search import make_search_alg
+
+    config = SearchConfig(metric="val_accuracy")
+    config.search_alg.name = "optuna"
+    searcher = make_search_alg(config, budget=100)
+    searcher.set_search_properties("val_accuracy", "max", {"lr": tune.loguniform(1e-4, 1e-1)})
+    for trial_id in ("stopped", "finished", "failed"):
+        assert 1e-4 <= searcher.suggest(trial_id)["lr"] <= 1e-1
+    searcher.on_trial_complete("stopped", {"step": 30, "val_accuracy": 0.7})
+    searcher.on_trial_complete("finished", {"step": 100, "val_accuracy": 0.9})
+    searcher.on_trial_complete("failed", None, error=True)
+    states = [t.state for t in searcher._ot_study.trials]
+    assert states == [TrialState.PRUNED, TrialState.COMPLETE, TrialState.FAIL]
+    assert searcher._ot_study.best_value == 0.9
