@@ -19,8 +19,7 @@ import numpy as np
 import torch
 
 from ich_tune.config.schema import ExperimentConfig
-from ich_tune.data.channels import to_float
-from ich_tune.data.loader import TrainBatches, validation_batches
+from ich_tune.data.loader import TrainBatches, to_float, validation_batches
 from ich_tune.data.prepare import Splits, load_splits
 from ich_tune.errors import UserError
 from ich_tune.metrics import compute_metrics

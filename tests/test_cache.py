@@ -8,7 +8,6 @@ complete; two builders at once end with one good cache; bad images are skipped a
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing
 import os
 import re
 import shutil
@@ -32,9 +31,6 @@ from ich_tune.errors import DataError
 
 # RSNA's "ID_<hex>" UIDs are not valid DICOM UIDs; pydicom warns on every read, as with real data
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
-# Build workers fork from a server that has imported torch already: each build then starts in
-# milliseconds instead of a second (no effect if another test started the server first)
-multiprocessing.set_forkserver_preload(["ich_tune.data.cache"])
 
 REPO = Path(__file__).resolve().parents[1]
 # 72 slices: two decode chunks of 64, so parallel workers write disjoint parts of one array

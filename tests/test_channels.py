@@ -13,8 +13,8 @@ from ich_tune.data.channels import (
     parse_channels,
     resize_area,
     to_channels,
-    to_float,
 )
+from ich_tune.data.loader import to_float
 from ich_tune.errors import ConfigError
 
 THREE = ["brain", "subdural", "bone"]

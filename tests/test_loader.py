@@ -7,7 +7,6 @@ training slice once; a saved sampler state must resume the very same stream.
 from __future__ import annotations
 
 import io
-import multiprocessing
 from itertools import islice
 
 import numpy as np
@@ -21,7 +20,6 @@ from ich_tune.data.prepare import load_splits
 from ich_tune.data.synthetic import generate
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # RSNA's ID_ UIDs
-multiprocessing.set_forkserver_preload(["ich_tune.data.cache"])  # build workers start in ms
 
 
 def build(root, cache_dir, channels) -> Cache:

@@ -6,7 +6,6 @@ has patients with two studies, which a study-wise split would cut in half.
 
 from __future__ import annotations
 
-import multiprocessing
 from collections import defaultdict
 
 import numpy as np
@@ -19,7 +18,6 @@ from ich_tune.data.split import patient_groups, split_by_group
 from ich_tune.data.synthetic import generate
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # RSNA's ID_ UIDs
-multiprocessing.set_forkserver_preload(["ich_tune.data.cache"])  # build workers start in ms
 
 
 def interleaved_groups(count: int, seed: int = 0) -> np.ndarray:

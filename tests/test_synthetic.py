@@ -15,7 +15,7 @@ from ich_tune.data import synthetic
 from ich_tune.data.dicom import DicomError, read_header, read_hu
 from ich_tune.data.labels import CLASSES, read_labels
 from ich_tune.data.phantom import HU_MAX, HU_MIN, SUBTYPES, random_bleed, random_head, render_slice
-from ich_tune.data.synthetic import ENCODINGS, encode, generate, plan
+from ich_tune.data.synthetic import ENCODINGS, MARKER, encode, generate, plan
 
 # RSNA's "ID_<hex>" UIDs are not valid DICOM UIDs; pydicom warns on every read, as with real data
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
@@ -254,7 +254,7 @@ def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
     a, b, c = (snapshot(tmp_path / name) for name in "abc")
     assert a == b
     assert a["stage_2_train.csv"] != c["stage_2_train.csv"]
-    assert not set(a) & set(c) - {"stage_2_train.csv", "stage_2_sample_submission.csv"}
+    assert not set(a) & set(c) - {"stage_2_train.csv", "stage_2_sample_submission.csv", MARKER}
 
 
 def test_quirk_rate_zero_writes_plain_files(tmp_path):

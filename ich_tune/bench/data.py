@@ -146,15 +146,14 @@ def cache_build_rate(cfg: DataConfig, root: Path) -> tuple[float, Path]:
 
 def cached_rate(path: Path, batch_size: int, batches: int) -> tuple[list[float], int]:
     """(c) samples/s of TrainBatches over the cache: as stored (float16), then after to_float with
-    torch's default threads and with one (its thread pool costs more than it saves on busy cores)."""
+    torch's default threads and with one (on busy cores its thread pool can cost more than it saves)."""
     from itertools import islice
 
     import numpy as np
     import torch
 
     from ich_tune.data.cache import open_cache
-    from ich_tune.data.channels import to_float
-    from ich_tune.data.loader import TrainBatches
+    from ich_tune.data.loader import TrainBatches, to_float
 
     cache = open_cache(path)
     stream = iter(TrainBatches(cache, np.flatnonzero(cache.valid), batch_size, seed=0))

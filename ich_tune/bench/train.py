@@ -95,7 +95,7 @@ def bare_loop_rate(config, cache: Path, steps: int) -> float:
     import torch
 
     from ich_tune.data.cache import open_cache
-    from ich_tune.data.channels import to_float
+    from ich_tune.data.loader import to_float
     from ich_tune.model import build_model
     from ich_tune.optim import make_loss, make_optimizer
 

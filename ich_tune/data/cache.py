@@ -28,12 +28,13 @@ import numpy as np
 
 from ich_tune.config.schema import DataConfig
 from ich_tune.data.channels import channel_dtype, parse_channels, to_channels
-from ich_tune.data.dicom import DicomError, image_id, read_header, read_hu
+from ich_tune.data.dicom import DicomError, image_id, read_slice
 from ich_tune.data.labels import read_labels
 from ich_tune.errors import DataError
 from ich_tune.progress import Progress
 
 CACHE_VERSION = 1
+MISSING = "no DICOM file"  # the skip reason of a labelled image whose file is not there
 TRAIN_DIR = "stage_2_train"
 LABELS_CSV = "stage_2_train.csv"
 
@@ -123,21 +124,38 @@ def ensure_cache(cfg: DataConfig, root: Path, log=print) -> Path:
     cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     final = cache_dir / key
     if (final / "manifest.json").is_file():
-        return final
+        return _checked(final, cfg, root)
     cache_dir.mkdir(parents=True, exist_ok=True)
     with open(cache_dir / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second builder waits here, then finds it complete
         if (final / "manifest.json").is_file():
-            return final
+            return _checked(final, cfg, root)
         for stale in cache_dir.glob(f"{key}.partial-*"):  # left by a build that was killed
             shutil.rmtree(stale, ignore_errors=True)
         partial = cache_dir / f"{key}.partial-{os.getpid()}"
         try:
             _build(cfg, root, files, partial, params, fingerprint, log)
+            _checked(partial, cfg, root)
             os.rename(partial, final)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
     return final
+
+
+def _checked(folder: Path, cfg: DataConfig, root: Path) -> Path:
+    """The cache folder, unless more of its slices failed to decode than data.max_bad_fraction allows.
+
+    Checked on every use, not only at build time: the fraction is no cache parameter, so a cache built
+    under a looser limit must not slip past a stricter one.
+    """
+    manifest = json.loads((folder / "manifest.json").read_text())
+    bad = manifest["images"] - manifest["decoded"]
+    if bad > cfg.max_bad_fraction * manifest["images"]:
+        failures = [f"{k}: {v}" for k, v in manifest["skipped"].items() if v != MISSING]
+        raise DataError(f"{root}: {bad} of {manifest['images']} slices could not be decoded, more than "
+                        f"data.max_bad_fraction={cfg.max_bad_fraction}. First: {'; '.join(failures[:3])}. "
+                        "Fix the files or raise data.max_bad_fraction.")
+    return folder
 
 
 def _build(cfg: DataConfig, root: Path, files: dict[str, Path], out: Path, params: dict,
@@ -160,11 +178,12 @@ def _build(cfg: DataConfig, root: Path, files: dict[str, Path], out: Path, param
     log(f"preprocess: {len(ids)} slices of {root} -> {out.parent} "
         f"({len(channels)}x{cfg.size}x{cfg.size} {channel_dtype(channels).name}, {workers} processes)")
     headers: list = [None] * len(ids)
-    skipped: dict[str, str] = {i: "no DICOM file" for i in missing}
+    skipped: dict[str, str] = dict.fromkeys(missing, MISSING)
     chunks = [(str(out / "images.npy"), start, paths[start:start + 64], cfg.channels, cfg.size)
               for start in range(0, len(paths), 64)]
     progress = Progress(len(paths), "preprocess")
     context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])  # workers fork from a process that imported this once
     with context.Pool(workers, initializer=_init_worker) as pool:
         for results in pool.imap_unordered(_decode_chunk, chunks):
             for index, header, reason in results:
@@ -174,11 +193,6 @@ def _build(cfg: DataConfig, root: Path, files: dict[str, Path], out: Path, param
             progress.update(len(results))
     seconds = progress.close()
     bad = [h is None for h in headers]
-    if sum(bad) > cfg.max_bad_fraction * len(ids):
-        examples = "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:3])
-        raise DataError(f"{root}: {sum(bad)} of {len(ids)} slices could not be decoded, more than "
-                        f"data.max_bad_fraction={cfg.max_bad_fraction}. First: {examples}. Fix the files "
-                        "or raise data.max_bad_fraction.")
     blank = ("", "", "", float("nan"))
     rows = [h[1:] if h else blank for h in headers]
     np.savez(out / "index.npz", ids=ids, labels=y, valid=~np.array(bad),
@@ -196,9 +210,7 @@ def _build(cfg: DataConfig, root: Path, files: dict[str, Path], out: Path, param
 
 
 def _init_worker() -> None:
-    import torch
-
-    torch.set_num_threads(1)  # one process per core already
+    os.environ["OMP_NUM_THREADS"] = "1"  # one process per core already, should torch be imported
 
 
 def _decode_chunk(task: tuple) -> list[tuple[int, tuple | None, str | None]]:
@@ -209,8 +221,8 @@ def _decode_chunk(task: tuple) -> list[tuple[int, tuple | None, str | None]]:
     for offset, path in enumerate(paths):
         index = start + offset
         try:
-            header = read_header(path)
-            images[index] = to_channels(read_hu(path), channels, size)
+            header, hu = read_slice(path)
+            images[index] = to_channels(hu, channels, size)
             results.append((index, dataclasses.astuple(header), None))
         except DicomError as err:
             results.append((index, None, err.reason))

@@ -1,7 +1,7 @@
 """What the model sees: HU slices resized to the training size and turned into channels.
 
 A channel is either raw HU (scaled float16) or a CT window (center, width) stored as uint8, which
-keeps the preprocessed cache small; `to_float` makes either a float32 model input.
+keeps the preprocessed cache small; `loader.to_float` makes either a float32 model input.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from ich_tune.errors import ConfigError
 
@@ -68,6 +66,9 @@ def resize_area(image: np.ndarray, size: int) -> np.ndarray:
         tall, wide = height // size, width // size
         rows = image.reshape(size, tall, width).sum(axis=1)
         return rows.reshape(size, size, wide).sum(axis=2) / np.float32(tall * wide)
+    import torch  # only here: preprocessing workers that never need it skip its import
+    import torch.nn.functional as F
+
     tensor = torch.from_numpy(np.ascontiguousarray(image))[None, None]
     out = F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True,
                         align_corners=False)
@@ -86,15 +87,6 @@ def to_channels(hu: np.ndarray, channels: tuple[Channel, ...], size: int) -> np.
         level = np.clip((resized - np.float32(low)) / np.float32(channel.width), 0.0, 1.0)
         out[index] = np.rint(level * np.float32(255.0))  # half to even: 127.5 -> 128
     return out
-
-
-def to_float(batch: torch.Tensor) -> torch.Tensor:
-    """The model input: uint8 windows become [0, 1]; float16 HU is only widened."""
-    if batch.dtype == torch.uint8:
-        return batch.float().div_(255.0)
-    if batch.is_floating_point():
-        return batch.float()
-    raise TypeError(f"expected a uint8 or floating point batch, got {batch.dtype}")
 
 
 def _window(item: object) -> Channel:

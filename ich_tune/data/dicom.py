@@ -68,7 +68,18 @@ def image_id(path: str | Path) -> str:
 def read_header(path: str | Path) -> SliceHeader:
     """The grouping header of a slice, read without its pixel data."""
     path = Path(path)
-    ds = _dataset(path, pixels=False)
+    return _header(path, _dataset(path, pixels=False))
+
+
+def read_slice(path: str | Path) -> tuple[SliceHeader, np.ndarray]:
+    """Header and HU from one read of the file: what building the cache needs of every slice."""
+    path = Path(path)
+    ds = _dataset(path, pixels=True)
+    _check_slice(path, ds)
+    return _header(path, ds), _to_hu(path, ds, _stored_values(path, ds))
+
+
+def _header(path: Path, ds: pydicom.Dataset) -> SliceHeader:
     return SliceHeader(
         image_id=image_id(path),
         patient_id=_text(ds, "PatientID"),

@@ -17,6 +17,15 @@ import torch.nn.functional as F
 from ich_tune.data.cache import Cache
 
 
+def to_float(batch: torch.Tensor) -> torch.Tensor:
+    """The model input: uint8 windows become [0, 1]; float16 HU is only widened."""
+    if batch.dtype == torch.uint8:
+        return batch.float().div_(255.0)
+    if batch.is_floating_point():
+        return batch.float()
+    raise TypeError(f"expected a uint8 or floating point batch, got {batch.dtype}")
+
+
 def gather(cache: Cache, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (storage dtype) and float labels for the given slice indices."""
     order = np.sort(indices)

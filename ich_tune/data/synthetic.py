@@ -31,6 +31,7 @@ from ich_tune.data.phantom import (
     render_slice,
     ventricle_slices,
 )
+from ich_tune.errors import DataError
 
 TRAIN_DIR, TEST_DIR = "stage_2_train", "stage_2_test"
 TRAIN_CSV, SUBMISSION_CSV = "stage_2_train.csv", "stage_2_sample_submission.csv"
@@ -84,6 +85,9 @@ class Image:
                             self.size)
 
 
+MARKER = ".ich_tune_synthetic"  # written first: this folder holds (or is getting) generated data
+
+
 def generate(
     out: Path,
     studies: int = 40,
@@ -100,6 +104,11 @@ def generate(
     dataset complete, so an interrupted run is never mistaken for a finished one.
     """
     out = Path(out)
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise DataError(f"{out}: this folder holds files the synthetic generator did not write; "
+                        "it will not mix synthetic slices into them. Choose a new or empty folder.")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("synthetic RSNA-layout data written by ich_tune\n")
     (out / TRAIN_CSV).unlink(missing_ok=True)
     images = plan(studies, slices, size, seed, positive_rate, quirk_rate, test_studies)
     for folder in (TRAIN_DIR, TEST_DIR):
