@@ -226,7 +226,6 @@ def _decode_chunk(task: tuple) -> list[tuple[int, tuple | None, str | None]]:
             results.append((index, dataclasses.astuple(header), None))
         except DicomError as err:
             results.append((index, None, err.reason))
-    images.flush()
     return results
 
 
