@@ -109,7 +109,7 @@ def train(cfg: ExperimentConfig, cache_path: Path, out_dir: Path, report: Report
     scaler = torch.amp.GradScaler("cuda", enabled=half == torch.float16)
     start, history = 0, []
     if resume_from is not None:
-        state = torch.load(resume_from / CHECKPOINT_FILE, map_location=device, weights_only=True)
+        state = torch.load(resume_from / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -146,12 +146,12 @@ def train(cfg: ExperimentConfig, cache_path: Path, out_dir: Path, report: Report
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        window_loss += loss.item()
+        window_loss += loss.detach()  # summed on the device: no GPU sync every step
         window_steps += 1
 
         if step % cfg.logging.print_interval == 0 or step == steps:
             seconds = time.perf_counter() - window_start
-            train_loss = window_loss / window_steps
+            train_loss = float(window_loss) / window_steps
             rate = window_steps * cfg.train.batch_size / seconds
             log(f"step {step:>6}/{steps}  loss {train_loss:.4f}  lr {scheduler.get_last_lr()[0]:.2e}  "
                 f"{rate:,.0f} samples/s")
