@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from ich_tune.bench import BENCHMARKS
+from ich_tune.config.schema import SyntheticConfig
 from ich_tune.errors import UserError
 
 
@@ -277,13 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = verbs.add_parser("demo-data", help="write synthetic RSNA-layout DICOM data")
     demo.add_argument("--out", type=Path, required=True, help="folder to write")
-    demo.add_argument("--studies", type=int, default=40)
-    demo.add_argument("--slices", type=int, default=24, help="slices per study")
-    demo.add_argument("--size", type=int, default=256, help="image size in pixels")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--positive-rate", type=float, default=0.144,
+    defaults = SyntheticConfig()  # the same defaults as data.synthetic in an experiment file
+    demo.add_argument("--studies", type=int, default=defaults.studies)
+    demo.add_argument("--slices", type=int, default=defaults.slices, help="slices per study")
+    demo.add_argument("--size", type=int, default=defaults.size, help="image size in pixels")
+    demo.add_argument("--seed", type=int, default=defaults.seed)
+    demo.add_argument("--positive-rate", type=float, default=defaults.positive_rate,
                       help="fraction of slices with a bleed (RSNA: 0.144)")
-    demo.add_argument("--quirk-rate", type=float, default=0.05,
+    demo.add_argument("--quirk-rate", type=float, default=defaults.quirk_rate,
                       help="fraction of files with an RSNA DICOM quirk")
     demo.set_defaults(func=cmd_demo_data)
     return parser
