@@ -36,7 +36,7 @@ def cmd_show_config(args: argparse.Namespace) -> int:
         return 0
     search = load_search(args.file, args.overrides)
     dims = search.dimensions
-    example = search.trial_experiment({d.path: d.candidates()[0] for d in dims})
+    example = search.trial_experiment(search.first_values)
     shown = substitute(dataclasses.asdict(example), {d.path: {d.kind: _plain(d.args)} for d in dims})
     settings = {k: v for k, v in dataclasses.asdict(search.config).items() if k != "experiment"}
     print(f"# search '{search.name}' ({args.file}), fully resolved")

@@ -22,8 +22,8 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 from ich_tune.config import Search, build_experiment
-from ich_tune.config.markers import substitute, to_param_space
-from ich_tune.config.schema import DataConfig, SearchConfig
+from ich_tune.config.markers import to_param_space
+from ich_tune.config.schema import DataConfig, ExperimentConfig, SearchConfig
 from ich_tune.data.prepare import prepare_cache
 from ich_tune.errors import UserError
 from ich_tune.train import CHECKPOINT_FILE, LossNotFinite, train
@@ -114,9 +114,8 @@ def make_search_alg(config: SearchConfig, budget: int):
     return BasicVariantGenerator(random_state=config.search_alg.seed)
 
 
-def trial_budget(search: Search) -> int:
+def trial_budget(search: Search, example: ExperimentConfig) -> int:
     """ASHA's max_t: the training steps of a full trial."""
-    example = search.trial_experiment({d.path: d.candidates()[0] for d in search.dimensions})
     if example.train.max_steps is None:
         raise UserError(f"{search.path}: a search needs a step budget: set num_train_steps "
                         "(ASHA's time axis is training steps).")
@@ -200,9 +199,8 @@ def run_search(search: Search, options: RunOptions, log=print) -> SearchOutcome:
     uri = options.tracking_uri or config.tracking_uri or tracking.default_tracking_uri(storage)
     experiment = resolve_init_from(absolute_paths(search.experiment, options.data_root), uri,
                                    storage / "init_weights" / search.name)
-    budget = trial_budget(search)
-    first = build_experiment(substitute(experiment, {d.path: d.candidates()[0] for d in search.dimensions}),
-                             search.origins)
+    first = search.trial_experiment(search.first_values, experiment)
+    budget = trial_budget(search, first)
     cache = prepare_cache(first.data, log)  # once, before any trial starts
 
     start_ray(options, log)

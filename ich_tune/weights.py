@@ -43,9 +43,10 @@ FORMS = ("a weights file (.pt), a checkpoint or train --out folder, an MLflow ru
 
 def default_tracking_uri() -> str:
     """The SQLite store a search writes by default (`runs/mlflow.db` under the working directory)."""
+    from ich_tune.config.schema import SearchConfig
     from ich_tune.tracking import default_tracking_uri as for_storage
 
-    return for_storage(Path("runs"))
+    return for_storage(Path(SearchConfig().storage))
 
 
 def mlflow_client(tracking_uri: str | None) -> tuple[MlflowClient, str]:

@@ -70,8 +70,14 @@ class Search:
         """Trials the search will run (grid points x samples)."""
         return self.grid_points * self.config.num_samples
 
-    def trial_experiment(self, values: dict[str, Any]) -> ExperimentConfig:
-        return build_experiment(substitute(self.experiment, values), self.origins)
+    @property
+    def first_values(self) -> dict[str, Any]:
+        """Each dimension at its first candidate: a concrete trial to show or to take settings from."""
+        return {d.path: d.candidates()[0] for d in self.dimensions}
+
+    def trial_experiment(self, values: dict[str, Any], experiment: dict | None = None) -> ExperimentConfig:
+        """The typed experiment of one trial (of `experiment` if given: the tree with paths resolved)."""
+        return build_experiment(substitute(experiment or self.experiment, values), self.origins)
 
 
 def load_search(path: Path, overrides: list[str] = ()) -> Search:
@@ -99,7 +105,7 @@ def load_search(path: Path, overrides: list[str] = ()) -> Search:
                                   f"take grid_search; write `choice: {list(dim.args)}` instead, "
                                   "or use search_alg.name: grid.")
     search = Search(path, config, experiment, origins, dimensions)
-    firsts = {d.path: d.candidates()[0] for d in dimensions}
+    firsts = search.first_values
     search.trial_experiment(firsts)
     for dim in dimensions:
         for value in dim.candidates()[1:]:
