@@ -26,7 +26,8 @@ from ich_tune.data.synthetic import RSNA_ANY, RSNA_RATES
 from ich_tune.errors import DataError, UserError
 from ich_tune.metrics import compute_metrics
 from ich_tune.progress import Progress
-from ich_tune.train import amp_dtype, pick_device, predict_batches
+from ich_tune.device import place
+from ich_tune.train import predict_batches
 
 SUBMISSION_CLIP = 1e-6  # competition practice: a confident mistake must not cost an infinite log loss
 SPLITS = ("val", "all")
@@ -150,17 +151,13 @@ def _batch_size(asked: int | None, config: ExperimentConfig) -> int:
 def _predict(model: torch.nn.Module, config: ExperimentConfig,
              batches: Iterable) -> tuple[np.ndarray, np.ndarray]:
     """`predict_batches` on the best device with the training precision; copes with no batches."""
-    device = pick_device()
-    channels_last = device.type == "cuda" and config.train.channels_last
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    placement = place(config.train)
+    placement.model(model)
     batches = iter(batches)
     first = next(batches, None)
     if first is None:  # every file unreadable
         return np.empty((0, len(CLASSES))), np.empty((0, len(CLASSES)))
-    return predict_batches(model, itertools.chain([first], batches), device,
-                           amp_dtype(config.train.amp, device), channels_last)
+    return predict_batches(model, itertools.chain([first], batches), placement)
 
 
 def _counted(batches: Iterable, progress: Progress) -> Iterator:

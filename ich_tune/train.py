@@ -21,6 +21,7 @@ import torch
 from ich_tune.config.schema import ExperimentConfig
 from ich_tune.data.loader import TrainBatches, to_float, validation_batches
 from ich_tune.data.prepare import Splits, load_splits
+from ich_tune.device import Placement, place
 from ich_tune.errors import UserError
 from ich_tune.metrics import compute_metrics
 from ich_tune.model import build_model, count_parameters, load_weights
@@ -49,19 +50,6 @@ class Outcome:
     model: torch.nn.Module
 
 
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
-    """Mixed precision on CUDA only: bf16 where the GPU supports it, else fp16."""
-    if device.type != "cuda" or setting == "off":
-        return None
-    if setting == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[setting]
-
-
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -84,20 +72,15 @@ def train(cfg: ExperimentConfig, cache_path: Path, out_dir: Path, report: Report
     """Train one model; validate every `train.val_interval` steps and at the end."""
     torch.set_num_threads(cfg.train.threads or threads or os.cpu_count() or 1)
     seed_everything(cfg.seed, cfg.train.deterministic)
-    device = pick_device()
-    if device.type == "cuda" and cfg.train.cuda_memory_fraction:
-        torch.cuda.set_per_process_memory_fraction(cfg.train.cuda_memory_fraction, device)
+    placement = place(cfg.train)
     splits = load_splits(cache_path, cfg.data, log)
     model = build_model(cfg.model, in_channels=splits.cache.images.shape[1])
     if cfg.model.init_from and resume_from is None:
         loaded = load_weights(model, Path(cfg.model.init_from).expanduser())
         log(f"model: {loaded} tensors loaded from {cfg.model.init_from}")
-    model.to(device)
-    channels_last = device.type == "cuda" and cfg.train.channels_last
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    placement.model(model)
     log(f"model: {cfg.model.name}, {count_parameters(model):,} parameters, "
-        f"input {tuple(splits.cache.images.shape[1:])}, device {device}")
+        f"input {tuple(splits.cache.images.shape[1:])}, device {placement.device}")
 
     batches = TrainBatches(splits.cache, splits.train, cfg.train.batch_size, seed=cfg.seed,
                            balanced=cfg.data.balanced, augment=cfg.data.augment)
@@ -105,8 +88,7 @@ def train(cfg: ExperimentConfig, cache_path: Path, out_dir: Path, report: Report
     loss_fn = make_loss(cfg.loss.objective)
     optimizer = make_optimizer(cfg.optimizer, model.parameters())
     scheduler = make_scheduler(optimizer, cfg.schedule, steps)
-    half = amp_dtype(cfg.train.amp, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=half == torch.float16)
+    scaler = torch.amp.GradScaler("cuda", enabled=placement.half == torch.float16)
     start, history = 0, []
     if resume_from is not None:
         state = torch.load(resume_from / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
@@ -116,7 +98,7 @@ def train(cfg: ExperimentConfig, cache_path: Path, out_dir: Path, report: Report
         scaler.load_state_dict(state["scaler"])
         batches.load_state(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
-        if device.type == "cuda" and state.get("cuda_rng") is not None:
+        if placement.device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"])
         start, history = state["step"], state["history"]
         log(f"resumed from {resume_from} at step {start}")
@@ -129,11 +111,9 @@ def train(cfg: ExperimentConfig, cache_path: Path, out_dir: Path, report: Report
     kept_checkpoint = None
     for step in range(start + 1, steps + 1):
         images, labels = next(batches)
-        images = to_float(images.to(device, non_blocking=True))
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        labels = labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=half, enabled=half is not None):
+        images = to_float(placement.images(images))
+        labels = labels.to(placement.device, non_blocking=True)
+        with placement.autocast():
             loss = loss_fn(model(images).float(), labels)
         if not torch.isfinite(loss):
             raise LossNotFinite(f"step {step}: the training loss is {loss.item()}. Lower optimizer.lr (now "
@@ -163,7 +143,7 @@ def train(cfg: ExperimentConfig, cache_path: Path, out_dir: Path, report: Report
 
         if step % val_every and step != steps:
             continue
-        scores, probs, labels = evaluate(model, splits, cfg, device, half, channels_last)
+        scores, probs, labels = evaluate(model, splits, cfg, placement)
         metrics = {"step": step, "epoch": step / batches.batches_per_epoch, **scores}
         history.append(metrics)
         log(f"step {step:>6}/{steps}  val accuracy {metrics['val_accuracy']:.4f} "
@@ -194,28 +174,23 @@ def train(cfg: ExperimentConfig, cache_path: Path, out_dir: Path, report: Report
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, splits: Splits, cfg: ExperimentConfig, device: torch.device,
-             half: torch.dtype | None = None, channels_last: bool = False
+def evaluate(model: torch.nn.Module, splits: Splits, cfg: ExperimentConfig, placement: Placement
              ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
     """Validation metrics ("val_" keys), probabilities and labels over the fixed validation order."""
     probs, labels = predict_batches(model, validation_batches(
-        splits.cache, splits.val, cfg.train.batch_size, cfg.train.val_batches), device, half, channels_last)
+        splits.cache, splits.val, cfg.train.batch_size, cfg.train.val_batches), placement)
     return {f"val_{k}": float(v) for k, v in compute_metrics(probs, labels).items()}, probs, labels
 
 
 @torch.no_grad()
-def predict_batches(model: torch.nn.Module, batches, device: torch.device,
-                    half: torch.dtype | None = None, channels_last: bool = False
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def predict_batches(model: torch.nn.Module, batches, placement: Placement) -> tuple[np.ndarray, np.ndarray]:
     """Sigmoid probabilities and labels over (images, labels) batches, in eval mode."""
     was_training = model.training
     model.eval()
     all_probs, all_labels = [], []
     for images, labels in batches:
-        images = to_float(images.to(device, non_blocking=True))
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=half, enabled=half is not None):
+        images = to_float(placement.images(images))
+        with placement.autocast():
             all_probs.append(torch.sigmoid(model(images).float()).cpu().numpy())
         all_labels.append(labels.numpy())
     model.train(was_training)

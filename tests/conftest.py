@@ -1,11 +1,14 @@
 """Shared fixtures: a small synthetic RSNA-layout dataset, written once per test session."""
 
+import contextlib
 from pathlib import Path
 
 import pytest
 
 from ich_tune.config import build_experiment
 from ich_tune.config.loader import merge
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +41,60 @@ def tiny_tree(root: Path, cache_dir: Path, **sections) -> dict:
 def tiny_config(tiny_rsna, tmp_path):
     """A factory: tiny_config(train={"max_steps": 8}) -> ExperimentConfig."""
     return lambda **sections: build_experiment(tiny_tree(tiny_rsna, tmp_path / "cache", **sections), {})
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (tests never use fixed ports)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Cli:
+    """`python -m ich_tune ...` in its own process group, output to a file; `stop()` ends the group.
+
+    Use it as a context manager so a failing test never leaves a driver or its Ray behind.
+    """
+
+    def __init__(self, *args: str, log: Path, env: dict | None = None) -> None:
+        import os
+        import subprocess
+        import sys
+
+        self.log = log
+        self._out = open(log, "w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "ich_tune", *args], cwd=ROOT, stdout=self._out,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            env={**os.environ, "RAY_AUTH_MODE": "disabled", "TUNE_GLOBAL_CHECKPOINT_S": "1",
+                 "ICH_TUNE_DASHBOARD_PORT": str(free_port()), **(env or {})})
+
+    def wait(self, timeout: float) -> int:
+        self.process.wait(timeout)
+        return self.process.returncode
+
+    @property
+    def output(self) -> str:
+        self._out.flush()
+        return self.log.read_text()
+
+    def signal(self, number: int) -> None:
+        self.process.send_signal(number)
+
+    def stop(self) -> None:
+        import os
+        import signal
+
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self._out.close()
+
+    def __enter__(self) -> "Cli":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
