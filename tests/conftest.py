@@ -64,12 +64,12 @@ class Cli:
         import sys
 
         self.log = log
-        self._out = open(log, "w")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "ich_tune", *args], cwd=ROOT, stdout=self._out,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            env={**os.environ, "RAY_AUTH_MODE": "disabled", "TUNE_GLOBAL_CHECKPOINT_S": "1",
-                 "ICH_TUNE_DASHBOARD_PORT": str(free_port()), **(env or {})})
+        with open(log, "w") as out:  # the child keeps its own handle
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "ich_tune", *args], cwd=ROOT, stdout=out,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                env={**os.environ, "RAY_AUTH_MODE": "disabled", "TUNE_GLOBAL_CHECKPOINT_S": "1",
+                     "ICH_TUNE_DASHBOARD_PORT": str(free_port()), **(env or {})})
 
     def wait(self, timeout: float) -> int:
         self.process.wait(timeout)
@@ -77,7 +77,6 @@ class Cli:
 
     @property
     def output(self) -> str:
-        self._out.flush()
         return self.log.read_text()
 
     def signal(self, number: int) -> None:
@@ -91,7 +90,6 @@ class Cli:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
-        self._out.close()
 
     def __enter__(self) -> "Cli":
         return self
