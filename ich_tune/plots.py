@@ -46,6 +46,17 @@ def pick_examples(labels: np.ndarray, examples: int, seed: int) -> dict[str, lis
     return picks
 
 
+def example_layout(labels: np.ndarray, examples: int, seed: int) -> list[list[int | None]]:
+    """The grid's cells as slice indices, [row][column] in COLUMNS order; None is a blank cell.
+
+    Kept apart from the drawing so that what the figure shows, and where a column ran out of slices,
+    can be checked without reading pixels.
+    """
+    picks = pick_examples(labels, examples, seed)
+    return [[picks[column][row] if row < len(picks[column]) else None for column in COLUMNS]
+            for row in range(examples)]
+
+
 def bar_values(label_row: np.ndarray, prob_row: np.ndarray, column: str) -> tuple[float, float]:
     """(left, right) indicator values of one slice, each the accuracy at threshold 0.5.
 
@@ -104,7 +115,7 @@ def example_grid(
     Columns run out of slices quietly: their title says how many there were.
     """
     labels, probs = np.asarray(labels), np.asarray(probs)
-    picks = pick_examples(labels, examples, seed)
+    layout = example_layout(labels, examples, seed)
     positive = labels == 1
     available = [int((~positive.any(axis=1)).sum()), *positive.sum(axis=0).tolist()]
     cell = 1.75  # inches per column
@@ -122,8 +133,8 @@ def example_grid(
             if row == 0:
                 image_ax.set_title(f"{column}\n{available[col]} available", fontsize=12, pad=6,
                                    fontweight="bold", linespacing=1.5)
-            if row < len(picks[column]):
-                index = picks[column][row]
+            index = layout[row][col]
+            if index is not None:
                 _draw_example(image_ax, bar_ax, images[index], labels[index], probs[index], column,
                               baseline)
     _draw_legend(fig.add_axes((0.03, 0.0, 0.94, (legend_in - 0.4) / fig.get_figheight())),
@@ -175,18 +186,32 @@ def _draw_legend(ax: Axes, baseline: float) -> None:
     scale.set_xlabel(f"bar colour: accuracy, red ≤ baseline {baseline:g}", fontsize=10)
 
 
+def roc_classes(labels: np.ndarray) -> tuple[list[str], dict[str, str]]:
+    """(drawn, skipped) classes of the ROC figure: a curve needs both positives and negatives.
+
+    `skipped` maps each left-out class to what it lacks, "no positives" or "no negatives".
+    """
+    drawn, skipped = [], {}
+    for name, positive in zip(CLASSES, (np.asarray(labels) == 1).T, strict=True):
+        if not positive.any():
+            skipped[name] = "no positives"
+        elif positive.all():
+            skipped[name] = "no negatives"
+        else:
+            drawn.append(name)
+    return drawn, skipped
+
+
 def roc_curves(probs: np.ndarray, labels: np.ndarray) -> bytes:
     """Per-class ROC curves in one plot, AUC in the legend; classes lacking either outcome noted."""
     probs, positive = np.asarray(probs, dtype=np.float64), np.asarray(labels) == 1
+    drawn, skipped = roc_classes(labels)
     fig = Figure(figsize=(6.4, 6.0), dpi=DPI)
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="chance (AUC 0.5)")
-    skipped = []
-    for k, name in enumerate(CLASSES):
+    for name in drawn:
+        k = CLASSES.index(name)
         auc = roc_auc(probs[:, k], positive[:, k])
-        if math.isnan(auc):
-            skipped.append(f"{name} (no {'negatives' if positive[:, k].all() else 'positives'})")
-            continue
         fpr, tpr = _roc_points(probs[:, k], positive[:, k])
         ax.plot(fpr, tpr, linewidth=2.2 if name == "any" else 1.5,
                 color="black" if name == "any" else f"C{k}",
@@ -197,8 +222,9 @@ def roc_curves(probs: np.ndarray, labels: np.ndarray) -> bytes:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=9)
     if skipped:
-        fig.text(0.5, 0.01, "not drawn: " + ", ".join(skipped), ha="center", va="bottom",
-                 fontsize=9, color="dimgrey")
+        note = ", ".join(f"{name} ({why})" for name, why in skipped.items())
+        fig.text(0.5, 0.01, f"not drawn: {note}", ha="center", va="bottom", fontsize=9,
+                 color="dimgrey")
     fig.tight_layout(rect=(0, 0.04 if skipped else 0, 1, 1))
     return _png(fig)
 

@@ -108,8 +108,27 @@ def slices(copies: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarra
     return images, labels, probs
 
 
+def test_example_layout_leaves_blank_cells_exactly_where_a_column_runs_out():
+    rows = plots.example_layout(LABELS, 4, seed=0)
+    #        Control  Epidural  IPH    IVH   SAH   SDH   Any
+    assert rows == [
+        [0, 1, 2, None, 5, 1, 1],
+        [3, 4, None, None, None, None, 2],
+        [None, None, None, None, None, None, 4],
+        [None, None, None, None, None, None, 5],
+    ]
+
+
+def test_example_layout_fills_every_cell_when_each_column_has_enough():
+    labels = (np.random.default_rng(7).random((300, 6)) < 0.1).astype(np.uint8)
+    labels[:, 5] = labels[:, :5].max(axis=1)
+    rows = plots.example_layout(labels, 6, seed=3)
+    picks = plots.pick_examples(labels, 6, seed=3)
+    assert [[row[col] for row in rows] for col in range(len(plots.COLUMNS))] == list(picks.values())
+
+
 @pytest.mark.parametrize("form", ["windows", "brain", "hu"])
-def test_example_grid_is_a_png_with_blank_cells_where_slices_run_out(form):
+def test_example_grid_draws_every_storage_form(form):
     rng = np.random.default_rng(0)
     images, labels, probs = slices(2, rng)
     if form == "brain":
@@ -122,14 +141,58 @@ def test_example_grid_is_a_png_with_blank_cells_where_slices_run_out(form):
     assert pixels.shape[0] == pytest.approx(plots.DPI * (2.07 * 3 + 2.0), abs=2)
 
 
-def test_roc_curves_skip_classes_without_both_outcomes():
-    rng = np.random.default_rng(2)
-    labels = (rng.random((50, 6)) < 0.3).astype(np.uint8)
-    labels[:, 0] = 0  # no epidural
-    labels[:, 5] = 1  # every slice positive for any
-    probs = np.clip(labels * 0.5 + rng.random((50, 6)) * 0.5, 0, 1)
+def test_example_grid_draws_the_layout_and_leaves_its_blank_cells_empty(monkeypatch):
+    images, labels, probs = slices(2, np.random.default_rng(0))  # no intraventricular slice at all
+    images[:] = np.arange(len(images), dtype=np.uint8)[:, None, None, None]  # pixels name the row
+    drawn = []
+    draw = plots._draw_example
+
+    def record(image_ax, bar_ax, image, label_row, prob_row, column, baseline):
+        index = int(image[0, 0, 0])
+        assert (label_row == labels[index]).all() and (prob_row == probs[index]).all()
+        drawn.append((column, index))
+        draw(image_ax, bar_ax, image, label_row, prob_row, column, baseline)
+
+    monkeypatch.setattr(plots, "_draw_example", record)
+    decoded(plots.example_grid(images, labels, probs, examples=5, seed=1))
+    layout = plots.example_layout(labels, 5, seed=1)
+    expected = [(column, rows[col]) for col, column in enumerate(plots.COLUMNS) for rows in layout
+                if rows[col] is not None]
+    assert sorted(drawn) == sorted(expected)
+    assert None in [rows[plots.COLUMNS.index("Subarachnoid")] for rows in layout]  # some blanks
+    assert all(rows[plots.COLUMNS.index("Intraventricular")] is None for rows in layout)
+
+
+def roc_labels() -> np.ndarray:
+    """50 slices: no epidural, every slice positive for any, the other four classes mixed."""
+    labels = (np.random.default_rng(2).random((50, 6)) < 0.3).astype(np.uint8)
+    labels[:, 0] = 0
+    labels[:, 5] = 1
+    return labels
+
+
+def test_roc_classes_skip_classes_without_both_outcomes():
+    drawn, skipped = plots.roc_classes(roc_labels())
+    assert drawn == ["intraparenchymal", "intraventricular", "subarachnoid", "subdural"]
+    assert skipped == {"epidural": "no positives", "any": "no negatives"}
+    assert plots.roc_classes(np.zeros((0, 6))) == ([], dict.fromkeys(plots.CLASSES, "no positives"))
+
+
+def test_roc_curves_draw_only_the_classes_with_both_outcomes(monkeypatch):
+    labels = roc_labels()
+    probs = np.clip(labels * 0.5 + np.random.default_rng(3).random((50, 6)) * 0.5, 0, 1)
+    curves = []
+    points = plots._roc_points
+
+    def record(scores, positive):
+        (k,) = [k for k in range(6) if np.array_equal(scores, probs[:, k])]
+        curves.append(plots.CLASSES[k])
+        return points(scores, positive)
+
+    monkeypatch.setattr(plots, "_roc_points", record)
     pixels = decoded(plots.roc_curves(probs, labels))
     assert 600 < pixels.shape[0] < 1500 and 600 < pixels.shape[1] < 1500
+    assert curves == plots.roc_classes(labels)[0]
 
 
 def test_roc_points_step_through_ties_together():
