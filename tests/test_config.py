@@ -1,5 +1,6 @@
 """The config language: includes, merge order, markers, overrides, and every class of error."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 from ich_tune.config import load_experiment, load_search
 from ich_tune.config.loader import load_tree
 from ich_tune.errors import ConfigError
+from tests.conftest import Cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,9 +83,10 @@ def test_every_marker_compiles_to_a_tune_domain(tmp_path):
         "qrandn": "{mean: 0.3, sd: 0.01, q: 0.01}",
     }
     for kind, args in markers.items():
-        write(tmp_path, {"s.yaml": f"experiment: {{model: {{dropout: {{{kind}: {args}}}}}}}\n"
-                                   if kind not in ("randint", "qrandint", "lograndint", "qlograndint")
-                                   else f"experiment: {{train: {{batch_size: {{{kind}: {args}}}}}}}\n"})
+        write(tmp_path, {"s.yaml": "num_train_steps: 10\n"
+                                   + (f"experiment: {{model: {{dropout: {{{kind}: {args}}}}}}}\n"
+                                      if kind not in ("randint", "qrandint", "lograndint", "qlograndint")
+                                      else f"experiment: {{train: {{batch_size: {{{kind}: {args}}}}}}}\n")})
         (dim,) = load_search(tmp_path / "s.yaml").dimensions
         domain = dim.to_tune()
         if kind == "grid_search":
@@ -134,6 +137,12 @@ BAD_FILES = {
     "malformed": ("model: {dropout: [1\n", r"e.yaml:2: not valid YAML"),
     "duplicate key": ("seed: 1\nseed: 2\n", r"e.yaml:2: key 'seed' appears twice"),
     "not a mapping": ("- 1\n- 2\n", r"must hold a mapping"),
+    "include a number": ("seed: 1\ninclude: 3\n",
+                         r"e.yaml:2: 'include' takes a path or a list of paths, got 3. Write e.g. "
+                         r"`include: base.yaml`"),
+    "include a mapping": ("model:\n  include: {path: base.yaml}\n",
+                          r"e.yaml:2: 'include' takes a path or a list of paths, got a mapping. Write"),
+    "include a list of numbers": ("include: [1, 2]\n", r"e.yaml:1: 'include' .* got \[1, 2\]"),
 }
 
 
@@ -148,6 +157,76 @@ def test_bad_files_name_file_line_and_key(tmp_path, name):
             load_search(tmp_path / "s.yaml")
         else:
             load_experiment(tmp_path / "e.yaml")
+
+
+def test_missing_top_level_file(tmp_path):
+    for load in (load_experiment, load_search, load_tree):
+        with pytest.raises(ConfigError, match=rf"^{re.escape(str(tmp_path))}/nope.yaml: no such file. "
+                                              r"Check the path \(a relative path starts in "):
+            load(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("key, scalar", [("seed.x", "seed"), ("model.dropout.a", "model.dropout"),
+                                         ("data.synthetic.studies.n", "data.synthetic.studies"),
+                                         ("model.hidden_dims.x", "model.hidden_dims")])
+def test_set_into_a_single_value_names_the_flag(tmp_path, key, scalar):
+    write(tmp_path, {"e.yaml": "model: {dropout: 0.1}\n", "bare.yaml": "seed: 3\n"})
+    for name in ("e.yaml", "bare.yaml"):  # whether or not the file sets the value
+        with pytest.raises(ConfigError, match=rf"^--set {re.escape(key)}: key '{re.escape(scalar)}' is "
+                                              rf"a single value, not a section of keys, .* e.g. "
+                                              rf"--set {re.escape(scalar)}=VALUE.$"):
+            load_experiment(tmp_path / name, [f"{key}=1"])
+
+
+@pytest.mark.parametrize("key, scalar", [("seed.x", "seed"), ("model.dropout.grid_search", "model.dropout"),
+                                         ("experiment.seed.x", "experiment.seed"),
+                                         ("scheduler.name.x", "scheduler.name")])
+def test_set_into_a_single_value_of_a_search(tmp_path, key, scalar):
+    write(tmp_path, {"s.yaml": "num_train_steps: 10\n"
+                               "experiment: {model: {dropout: {grid_search: [0.1, 0.2]}}}\n"})
+    with pytest.raises(ConfigError, match=rf"^--set {re.escape(key)}: key '{re.escape(scalar)}' is a "
+                                          r"single value"):
+        load_search(tmp_path / "s.yaml", [f"{key}=1"])
+
+
+def test_set_descends_into_sections_the_file_leaves_unset(tmp_path):
+    write(tmp_path, {"e.yaml": "seed: 3\n", "s.yaml": "num_train_steps: 10\nexperiment: {seed: 3}\n"})
+    config, _ = load_experiment(tmp_path / "e.yaml", ["data.synthetic.studies=3"])
+    assert config.data.synthetic.studies == 3
+    search = load_search(tmp_path / "s.yaml", ["experiment.data.synthetic.studies=3",
+                                               "scheduler.grace_period=5"])
+    assert search.trial_experiment({}).data.synthetic.studies == 3
+    assert search.config.scheduler.grace_period == 5
+
+
+@pytest.mark.parametrize("kind, key, args", [
+    ("loguniform", "optimizer.lr", "{lower: 0, upper: 1e-2}"),
+    ("qloguniform", "optimizer.lr", "{lower: -1e-4, upper: 1e-2, q: 1e-4}"),
+    ("lograndint", "train.batch_size", "{lower: 0, upper: 64}"),
+    ("qlograndint", "train.batch_size", "{lower: -2, upper: 64, q: 2}"),
+])
+def test_log_markers_need_a_positive_lower_bound(tmp_path, kind, key, args):
+    section, name = key.split(".")
+    write(tmp_path, {"s.yaml": f"num_train_steps: 10\nexperiment:\n  {section}:\n"
+                               f"    {name}: {{{kind}: {args}}}\n"})
+    linear = kind.replace("log", "")
+    with pytest.raises(ConfigError, match=rf"s.yaml:4: key '{key}': '{kind}' samples on a log scale, so it "
+                                          rf"needs lower > 0, got -?[0-9.e-]+. Give a positive lower "
+                                          rf"bound, or use '{linear}' for a linear scale.$"):
+        load_search(tmp_path / "s.yaml")
+
+
+def test_a_search_without_a_step_budget_is_refused_when_loaded(tmp_path):
+    write(tmp_path, {"s.yaml": "experiment: {model: {dropout: {choice: [0.1, 0.2]}}}\n",
+                     "budget.yaml": "num_train_steps: 50\nexperiment: {seed: 1}\n"})
+    message = rf"^{re.escape(str(tmp_path))}/s.yaml: a search needs a step budget .*`num_train_steps: 20000`"
+    with pytest.raises(ConfigError, match=message):
+        load_search(tmp_path / "s.yaml")
+    with pytest.raises(ConfigError, match=message.replace("s.yaml", "budget.yaml")):
+        load_search(tmp_path / "budget.yaml", ["num_train_steps=null"])
+    assert load_search(tmp_path / "s.yaml", ["num_train_steps=30"]).experiment["train"]["max_steps"] == 30
+    search = load_search(tmp_path / "s.yaml", ["train.max_steps=40"])  # the experiment's own budget
+    assert search.trial_experiment({"model.dropout": 0.1}).train.max_steps == 40
 
 
 def test_include_cycle(tmp_path):
@@ -189,6 +268,26 @@ def test_show_config_reports_the_original_sixty_trials():
     assert "optimizer.lr   grid_search [0.0005, 0.001, 0.01, 0.015, 0.02]" in result.stdout
     assert "2 CPU, 0.25 GPU (4 trials share one GPU)" in result.stdout
     assert "- 256\n" in result.stdout and "lr: 0.015" not in result.stdout
+
+
+CLI_ERRORS = {
+    "missing file": (["show-config", "nope.yaml"], "nope.yaml: no such file."),
+    "set into a value": (["show-config", "e.yaml", "--set", "seed.x=1"],
+                         "--set seed.x: key 'seed' is a single value"),
+    "no step budget": (["show-config", "s.yaml"], "s.yaml: a search needs a step budget"),  # as `run`
+}
+
+
+@pytest.mark.parametrize("case", CLI_ERRORS)
+def test_cli_config_errors_exit_2_before_anything_starts(tmp_path, case):
+    args, expected = CLI_ERRORS[case]
+    write(tmp_path, {"e.yaml": "seed: 1\n", "s.yaml": "experiment: {seed: 1}\n"})
+    args = [str(tmp_path / a) if a.endswith(".yaml") else a for a in args]
+    with Cli(*args, log=tmp_path / "cli.log") as cli:
+        assert cli.wait(60) == 2, cli.output
+        output = cli.output
+    assert output.startswith("error: ") and output.count("\n") == 1, output  # nothing else ran
+    assert expected in output and "Traceback" not in output
 
 
 def test_cli_error_is_one_paragraph_exit_2_no_traceback(tmp_path):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,34 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
+def _check_override_key(key: str, cls: type) -> None:
+    """Refuse `--set a.b=..` where the schema makes `a` a single value, not a section of keys.
+
+    Setting it would turn the value into a mapping, and the type error that follows would point at
+    the file, not at the flag that caused it. `cls` is the config class the key starts in.
+    """
+    keys = key.split(".")
+    for depth, name in enumerate(keys[:-1], start=1):
+        if cls is SearchConfig and name == "experiment":
+            cls = ExperimentConfig  # a free-form mapping to the schema, an experiment to the user
+            continue
+        hint = typing.get_type_hints(cls).get(name)
+        if hint is None:
+            return  # an unknown key: build() names it and suggests the closest one
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):  # `X | None` is an X
+            options = [a for a in typing.get_args(hint) if a is not type(None)]
+            hint = options[0] if len(options) == 1 else hint
+        if dataclasses.is_dataclass(hint):
+            cls = hint
+        elif typing.get_origin(hint) is dict:
+            return  # a mapping of any keys
+        else:
+            prefix = ".".join(keys[:depth])
+            raise ConfigError(f"--set {key}: key '{prefix}' is a single value, not a section of keys, "
+                              f"so '{key}' cannot be set. Set the value whole, e.g. "
+                              f"--set {prefix}=VALUE.")
+
+
 def build_experiment(tree: dict, origins: Origins) -> ExperimentConfig:
     """A typed experiment from a tree without markers."""
     return build(ExperimentConfig, tree, origins)
@@ -39,6 +69,7 @@ def load_experiment(path: Path, overrides: list[str] = ()) -> tuple[ExperimentCo
     """A single-run experiment file: its typed config and its resolved tree."""
     tree, origins = load_tree(path)
     for key, value in parse_overrides(list(overrides)):
+        _check_override_key(key, ExperimentConfig)
         set_path(tree, origins, key, value, f"--set {key}")
     dims = find_dimensions(tree, origins)
     if dims:
@@ -85,7 +116,9 @@ def load_search(path: Path, overrides: list[str] = ()) -> Search:
     path = Path(path)
     tree, origins = load_tree(path)
     for key, value in parse_overrides(list(overrides)):
-        if key.split(".")[0] not in SEARCH_KEYS:
+        in_search = key.split(".")[0] in SEARCH_KEYS
+        _check_override_key(key, SearchConfig if in_search else ExperimentConfig)
+        if not in_search:
             key = f"experiment.{key}"
         set_path(tree, origins, key, value, f"--set {key.removeprefix('experiment.')}")
     config = build(SearchConfig, tree, origins)
@@ -106,8 +139,12 @@ def load_search(path: Path, overrides: list[str] = ()) -> Search:
                                   "or use search_alg.name: grid.")
     search = Search(path, config, experiment, origins, dimensions)
     firsts = search.first_values
-    search.trial_experiment(firsts)
+    example = search.trial_experiment(firsts)
     for dim in dimensions:
         for value in dim.candidates()[1:]:
             search.trial_experiment(firsts | {dim.path: value})
+    if example.train.max_steps is None:
+        raise ConfigError(f"{path}: a search needs a step budget (ASHA's time axis is training steps): "
+                          "add e.g. `num_train_steps: 20000` to the file, or set train.max_steps in its "
+                          "experiment.")
     return search

@@ -91,7 +91,8 @@ def load_tree(path: Path, _stack: tuple[Path, ...] = ()) -> tuple[dict, Origins]
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file.") from None
+        raise ConfigError(f"{path}: no such file. Check the path (a relative path starts in "
+                          f"{Path.cwd()}/).") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: cannot read it ({err}).") from None
     tree, origins = parse_yaml(text, str(path))
@@ -121,7 +122,9 @@ def _resolve(node: dict, origins: Origins, prefix: str, file: Path,
     if isinstance(includes, str):
         includes = [includes]
     if not isinstance(includes, list) or not all(isinstance(p, str) for p in includes):
-        raise ConfigError(f"{where}: 'include' takes a path or a list of paths.")
+        got = "a mapping" if isinstance(includes, dict) else repr(includes)
+        raise ConfigError(f"{where}: 'include' takes a path or a list of paths, got {got}. Write e.g. "
+                          "`include: base.yaml` or `include: [base.yaml, more.yaml]`.")
     merged: dict = {}
     merged_origins: Origins = {}
     for name in includes:

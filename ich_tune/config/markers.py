@@ -105,7 +105,9 @@ def _check(node: dict, origins: Origins, path: str) -> Dimension:
         raise ConfigError(f"{at}: '{kind}' needs lower < upper, got lower={args['lower']}, "
                           f"upper={args['upper']}.")
     if "log" in kind and args["lower"] <= 0:
-        raise ConfigError(f"{at}: '{kind}' needs lower > 0, got {args['lower']}.")
+        raise ConfigError(f"{at}: '{kind}' samples on a log scale, so it needs lower > 0, got "
+                          f"{args['lower']}. Give a positive lower bound, or use "
+                          f"'{kind.replace('log', '')}' for a linear scale.")
     for key in ("q", "sd", "base"):
         if key in args and args[key] <= 0:
             raise ConfigError(f"{at}: '{kind}.{key}' must be positive, got {args[key]}.")
