@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import yaml
 
 from ich_tune.config import build_experiment, load_experiment
+from ich_tune.config.loader import parse_yaml, read_text
 from ich_tune.config.schema import ExperimentConfig
 from ich_tune.data.channels import parse_channels
 from ich_tune.errors import ConfigError, UserError
@@ -136,11 +136,14 @@ def _config_near(weights: Path) -> dict | None:
 
 
 def _read_tree(path: Path) -> dict:
-    try:
-        text = path.read_text()
-        tree = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (OSError, ValueError, yaml.YAMLError) as err:
-        raise UserError(f"{path}: cannot read the experiment config ({err}).") from None
+    """A config.yaml through the config loader (line numbers, size limits); a params.json as JSON."""
+    if path.suffix != ".json":
+        tree, _ = parse_yaml(read_text(path), str(path))
+    else:
+        try:
+            tree = json.loads(path.read_bytes())
+        except (OSError, ValueError, RecursionError) as err:
+            raise UserError(f"{path}: cannot read the experiment config ({err}).") from None
     if not isinstance(tree, dict):
         raise UserError(f"{path}: expected an experiment config (a mapping), got {type(tree).__name__}.")
     return tree

@@ -6,19 +6,35 @@ easy to fix if the message names the file and line it came from, so every key pa
 
 from __future__ import annotations
 
+import itertools
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ich_tune.config.markers import MARKERS
-from ich_tune.config.schema import Origins
+from ich_tune.config.schema import Origins, where
 from ich_tune.errors import ConfigError
+
+MAX_DEPTH = 40  # mapping and list levels; the deepest real config has five
+MAX_VALUES = 100_000  # values after aliases are expanded; stops a few lines from growing to gigabytes
 
 
 class _Loader(yaml.SafeLoader):
     """Safe loading, plus 1e-5 read as a float (YAML 1.1 wants a dot) and key line numbers."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        """PyYAML's constructors raise plain Python errors on values Python cannot hold (month 13,
+        an integer of 5,000 digits) and on explicit tags that do not fit (`!!int abc`, `!!map x`)."""
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, TypeError, KeyError, AttributeError):
+            kind = node.tag.rpartition(":")[2]
+            shown = repr(node.value[:40]) if isinstance(node, yaml.ScalarNode) else f"this {node.id}"
+            raise yaml.constructor.ConstructorError(None, None, f"cannot read {shown} as {kind}",
+                                                    node.start_mark) from None
 
 
 _Loader.add_implicit_resolver(
@@ -52,9 +68,29 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _LinedDict:
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+_INT = _Loader.yaml_constructors["tag:yaml.org,2002:int"]
+
+
+def _construct_int(loader: _Loader, node: yaml.ScalarNode) -> int:
+    """An integer that fits in 64 bits: anything larger is a typo, and fails far from here."""
+    value = _INT(loader, node)
+    if not -(2**63) <= value < 2**63:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"integer {node.value[:40]!r} does not fit in 64 bits", node.start_mark)
+    return value
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
 def parse_yaml(text: str, name: str) -> tuple[Any, Origins]:
     """Parse one YAML document; origins map dotted key paths to 'name:line'."""
-    loader = _Loader(text)
+    try:
+        loader = _Loader(text)  # checks every character up front
+    except yaml.reader.ReaderError as err:
+        line = text.count("\n", 0, err.position) + 1
+        raise ConfigError(f"{name}:{line}: character {err.character:#04x} is not allowed in YAML; "
+                          "remove it (is this a binary file?).") from None
     loader.name = name
     try:
         tree = loader.get_single_data()
@@ -64,13 +100,22 @@ def parse_yaml(text: str, name: str) -> tuple[Any, Origins]:
         raise ConfigError(f"{name}{line}: not valid YAML: {err.problem or err}.") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{name}: not valid YAML: {err}.") from None
+    except RecursionError:
+        raise ConfigError(f"{name}: nested too deeply to read; a config needs a few levels.") from None
     finally:
         loader.dispose()
     origins: Origins = {"": f"{name}:1"}
-    return _plain(tree, "", name, origins), origins
+    return _plain(tree, "", name, origins, itertools.count()), origins
 
 
-def _plain(node: Any, path: str, name: str, origins: Origins) -> Any:
+def _plain(node: Any, path: str, name: str, origins: Origins, counter: Iterator[int],
+           depth: int = 0) -> Any:
+    """Plain dicts and lists, each alias expanded into its own copy, within sane size limits."""
+    if next(counter) > MAX_VALUES:
+        raise ConfigError(f"{name}: more than {MAX_VALUES:,} values (aliases that expand?); "
+                          "a config holds a few hundred.")
+    if depth > MAX_DEPTH:
+        raise ConfigError(f"{where(path, origins)}: nested more than {MAX_DEPTH} levels deep.")
     if isinstance(node, dict):
         lines = getattr(node, "lines", {})
         out = {}
@@ -78,29 +123,41 @@ def _plain(node: Any, path: str, name: str, origins: Origins) -> Any:
             sub = f"{path}.{key}" if path else str(key)
             if key in lines:
                 origins[sub] = f"{name}:{lines[key]}"
-            out[key] = _plain(value, sub, name, origins)
+            out[key] = _plain(value, sub, name, origins, counter, depth + 1)
         return out
     if isinstance(node, list):
-        return [_plain(v, f"{path}.{i}", name, origins) for i, v in enumerate(node)]
+        return [_plain(v, f"{path}.{i}", name, origins, counter, depth + 1) for i, v in enumerate(node)]
     return node
 
 
 def load_tree(path: Path, _stack: tuple[Path, ...] = ()) -> tuple[dict, Origins]:
     """A file's tree with every `include:` (at any depth) resolved and merged."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file. Check the path (a relative path starts in "
-                          f"{Path.cwd()}/).") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: cannot read it ({err}).") from None
-    tree, origins = parse_yaml(text, str(path))
+    tree, origins = parse_yaml(read_text(path), str(path))
     if tree is None:
         tree = {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}:1: the file must hold a mapping of keys, not {type(tree).__name__}.")
     return _resolve(tree, origins, "", path, _stack + (path.resolve(),))
+
+
+def read_text(path: Path) -> str:
+    """A YAML file's text; a missing, unreadable or non-UTF-8 file is one located ConfigError."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file. Check the path (a relative path starts in "
+                          f"{Path.cwd()}/).") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: a folder; give a YAML file.") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read it ({err.strerror or err}).") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ConfigError(f"{path}:{line}: byte {data[err.start]:#04x} is not UTF-8 text; save the "
+                          "file as UTF-8 (is this a binary file?).") from None
 
 
 def _resolve(node: dict, origins: Origins, prefix: str, file: Path,
@@ -117,33 +174,36 @@ def _resolve(node: dict, origins: Origins, prefix: str, file: Path,
     if "include" not in node:
         return own, own_origins
     key_path = f"{prefix}.include" if prefix else "include"
-    where = origins.get(key_path, str(file))
+    at = origins.get(key_path, str(file))
     includes = node["include"]
     if isinstance(includes, str):
         includes = [includes]
     if not isinstance(includes, list) or not all(isinstance(p, str) for p in includes):
         got = "a mapping" if isinstance(includes, dict) else repr(includes)
-        raise ConfigError(f"{where}: 'include' takes a path or a list of paths, got {got}. Write e.g. "
+        raise ConfigError(f"{at}: 'include' takes a path or a list of paths, got {got}. Write e.g. "
                           "`include: base.yaml` or `include: [base.yaml, more.yaml]`.")
     merged: dict = {}
     merged_origins: Origins = {}
     for name in includes:
-        target = _find_include(name, file, where)
+        target = _find_include(name, file, at)
         if target.resolve() in stack:
             chain = " -> ".join(str(p) for p in stack + (target.resolve(),))
-            raise ConfigError(f"{where}: include cycle: {chain}. Remove one of these includes.")
+            raise ConfigError(f"{at}: include cycle: {chain}. Remove one of these includes.")
         sub_tree, sub_origins = load_tree(target, stack)
         sub_origins = {_join(prefix, k): v for k, v in sub_origins.items() if k}
         merged, merged_origins = merge(merged, merged_origins, sub_tree, sub_origins, prefix)
     return merge(merged, merged_origins, own, own_origins, prefix)
 
 
-def _find_include(name: str, file: Path, where: str) -> Path:
+def _find_include(name: str, file: Path, at: str) -> Path:
     """Relative to the including file, then to the working directory (the original's repo paths)."""
     for candidate in (file.parent / name, Path(name)):
-        if candidate.is_file():
-            return candidate
-    raise ConfigError(f"{where}: included file '{name}' not found (looked in {file.parent}/ and "
+        try:
+            if candidate.is_file():
+                return candidate
+        except OSError as err:  # e.g. a name too long for the file system
+            raise ConfigError(f"{at}: included file '{name}': {err.strerror}. Fix the path.") from None
+    raise ConfigError(f"{at}: included file '{name}' not found (looked in {file.parent}/ and "
                       f"{Path.cwd()}/). Fix the path or create the file.")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ class SyntheticConfig:
     studies: int = bounded(40, 2)
     slices: int = bounded(24, 1)
     size: int = bounded(256, 32)
-    seed: int = 0
+    seed: int = bounded(0, 0)
     positive_rate: float = bounded(0.144, 0.0, 1.0)  # fraction of slices with a bleed (RSNA: 0.144)
     quirk_rate: float = bounded(0.05, 0.0, 1.0)  # fraction of files with an RSNA DICOM quirk
 
@@ -42,7 +43,7 @@ class DataConfig:
     lod: int = bounded(0, 0, 6)  # ... then halved `lod` times (the original's level of detail)
     channels: str | list[str | dict[str, float | str]] = "hu"  # "hu" or named/custom windows
     train_fraction: float = bounded(0.7, 0.0, 1.0)  # the original's data split
-    split_seed: int = 0
+    split_seed: int = bounded(0, 0)
     folds: int = bounded(0, 0)  # 0: one train/val split; k: k-fold by patient
     fold: int = bounded(0, 0)
     max_images: int | None = bounded(None, 1)  # use only the first N images (quick checks)
@@ -60,7 +61,8 @@ class DataConfig:
 class ModelConfig:
     name: Literal["ResNetClassifier2d"] = "ResNetClassifier2d"
     num_classes: int = bounded(6, 1)
-    hidden_dims: list[int] = field(default_factory=lambda: [128, 128, 128, 128])
+    hidden_dims: list[int] = field(default_factory=lambda: [128, 128, 128, 128],
+                                   metadata={"low": 1, "nonempty": True})  # widths of the stages
     blocks_per_stage: int = bounded(1, 1)
     pooling: Literal["max", "avg", "conv"] = "max"
     stem_stride: int = bounded(1, 1, 8)
@@ -120,7 +122,7 @@ class ExperimentConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    seed: int = 1498
+    seed: int = bounded(1498, 0)
 
 
 @dataclass
@@ -133,7 +135,7 @@ class SchedulerConfig:
 @dataclass
 class SearchAlgConfig:
     name: Literal["grid", "random", "optuna"] = "grid"
-    seed: int | None = 0
+    seed: int | None = bounded(0, 0)
 
 
 @dataclass
@@ -230,19 +232,34 @@ def _coerce(value: Any, hint: Any, path: str, origins: Origins) -> Any:
         return build(hint, value, origins, path)
     if hint is Any:
         return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
-        try:  # YAML 1.1 reads "1e-5" (no dot) as a string
-            return float(value)
-        except ValueError:
-            pass
+    if hint is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        number = _float(value)
+        if number is not None and not math.isfinite(number):  # NaN would slip through every bound
+            raise ConfigError(f"{where(path, origins)}: expected a finite number, got {_show(value)}.")
+        if number is not None:
+            return number
     if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         return value
     raise ConfigError(f"{where(path, origins)}: expected {_type_name(hint)}, got {_show(value)}.")
 
 
+def _float(value: int | float | str) -> float | None:
+    """The value as a float, None for text that is no number (YAML 1.1 reads "1e-5" as text)."""
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond any float
+        return math.inf
+    except ValueError:
+        return None
+
+
 def _check_bounds(value: Any, meta: Any, path: str, origins: Origins) -> None:
+    if isinstance(value, list):
+        if not value and meta.get("nonempty"):
+            raise ConfigError(f"{where(path, origins)}: must not be empty; give at least one value.")
+        for index, item in enumerate(value):
+            _check_bounds(item, meta, f"{path}.{index}", origins)
+        return
     low, high = meta.get("low"), meta.get("high")
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return
