@@ -99,9 +99,9 @@ def _body_start(path: Path, data: bytes) -> int:
     start = 3 if data.startswith(b"\xef\xbb\xbf") else 0
     end = data.find(b"\n", start)
     end = len(data) if end < 0 else end
-    header = data[start:end].rstrip(b"\r").decode("utf-8", "replace")
-    if header != HEADER:
-        raise DataError(f"{path}:1: header is {header!r}, expected {HEADER!r}; "
+    header = data[start:end].rstrip(b"\r")
+    if header != HEADER.encode():
+        raise DataError(f"{path}:1: header is {_clip(header)!r}, expected {HEADER!r}; "
                         "is this Kaggle's stage_2_train.csv?")
     return end + 1
 
@@ -146,8 +146,7 @@ def _scan(path: Path, data: bytes, start: int) -> _Rows:
 
     if not ok.all():
         bad = int(np.argmin(ok))
-        text = data[starts[bad]:ends[bad]].decode("utf-8", "replace")
-        raise DataError(f"{path}:{line[bad]}: {_problem(text)}; {_ROW_FORMAT}")
+        raise DataError(f"{path}:{line[bad]}: {_problem(data[starts[bad]:ends[bad]])}; {_ROW_FORMAT}")
     return _Rows(key=key, sub=sub, label=label, line=line)
 
 
@@ -203,12 +202,12 @@ def _word(text: bytes) -> np.uint64:
     return np.frombuffer(text.ljust(8, b"\0"), np.uint64)[0]
 
 
-def _problem(line: str) -> str:
+def _problem(row: bytes) -> str:
     """What is wrong with one row, in words (the slow check, run on the first bad line only)."""
-    fields = line.split(",")
+    fields = row.split(b",")
     if len(fields) != 2:
-        return f"expected 2 columns (ID,Label), found {len(fields)} in {line!r}"
-    row_id, label = fields
+        return f"expected 2 columns (ID,Label), found {len(fields)} in {_clip(row)!r}"
+    row_id, label = (_clip(field) for field in fields)
     if label not in ("0", "1"):
         return f"label {label!r} is not 0 or 1"
     image, _, subtype = row_id.rpartition("_")
@@ -218,6 +217,12 @@ def _problem(line: str) -> str:
     close = difflib.get_close_matches(subtype, CLASSES, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return f"unknown subtype {subtype!r} in {row_id!r}{hint}"
+
+
+def _clip(text: bytes, limit: int = 80) -> str:
+    """Bytes from the file, decoded for a message and cut short (a binary file has no line ends)."""
+    shown = text[:limit].decode("utf-8", "replace")
+    return shown + "..." if len(text) > limit else shown
 
 
 def _collect(path: Path, rows: _Rows) -> Labels:
