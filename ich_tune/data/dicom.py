@@ -20,12 +20,14 @@ import pydicom
 from pydicom import uid
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
-from pydicom.pixels.utils import get_expected_length
 
 from ich_tune.errors import DataError
 
-_REQUIRED = ("Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation",
-             "PhotometricInterpretation")
+_INTEGERS = ("Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation")
+_REQUIRED = (*_INTEGERS, "PhotometricInterpretation")
+_HEADER = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "ImagePositionPatient")
+_PIXEL_MODULE = ("Modality", *_REQUIRED, "SamplesPerPixel", "NumberOfFrames", "RescaleSlope",
+                 "RescaleIntercept", "PixelData")  # every element the pixel path reads
 _PACKAGES = {  # what to pip install for a compressed transfer syntax pydicom cannot decode alone
     **dict.fromkeys(uid.JPEG2000TransferSyntaxes, "pylibjpeg pylibjpeg-openjpeg"),
     **dict.fromkeys(uid.JPEGTransferSyntaxes, "pylibjpeg pylibjpeg-libjpeg"),
@@ -103,14 +105,29 @@ def read_hu(path: str | Path) -> np.ndarray:
     return _to_hu(path, ds, _stored_values(path, ds))
 
 
+def _read(path: Path, pixels: bool) -> pydicom.Dataset:
+    if path.suffix != ".gz":
+        return pydicom.dcmread(path, stop_before_pixels=not pixels)
+    if pixels:  # whole, so that a damaged gzip fails here rather than as a short read
+        return pydicom.dcmread(io.BytesIO(gzip.decompress(path.read_bytes())))
+    with gzip.open(path) as stream:  # streamed: a header needs only the first few KB
+        return pydicom.dcmread(stream, stop_before_pixels=True)
+
+
 def _dataset(path: Path, pixels: bool) -> pydicom.Dataset:
+    """The file read, with every element this module uses decoded.
+
+    pydicom decodes an element on first access, so a corrupt one (an unknown VR, a bad length)
+    would otherwise fail wherever it is first used; decoding them here makes it one DicomError.
+    Only these elements: decoding all of them would double the time per slice.
+    """
     try:
-        if path.suffix != ".gz":
-            return pydicom.dcmread(path, stop_before_pixels=not pixels)
-        if pixels:  # whole, so that a damaged gzip fails here rather than as a short read
-            return pydicom.dcmread(io.BytesIO(gzip.decompress(path.read_bytes())))
-        with gzip.open(path) as stream:  # streamed: a header needs only the first few KB
-            return pydicom.dcmread(stream, stop_before_pixels=True)
+        ds = _read(path, pixels)
+        if pixels:
+            ds.file_meta.get("TransferSyntaxUID")
+        for keyword in _HEADER + (_PIXEL_MODULE if pixels else ()):
+            ds.get(keyword)
+        return ds
     except FileNotFoundError:
         raise DicomError(path, "file not found") from None
     except InvalidDicomError:
@@ -135,6 +152,9 @@ def _check_slice(path: Path, ds: pydicom.Dataset) -> None:
     for keyword in _REQUIRED:
         if ds.get(keyword) in (None, ""):
             raise DicomError(path, f"no {keyword} element, so the pixels cannot be read")
+    for keyword in _INTEGERS:
+        if not isinstance(ds.get(keyword), int):
+            raise DicomError(path, f"{keyword} is {_short(ds.get(keyword))}, not one whole number")
     samples = ds.get("SamplesPerPixel") or 1
     photometric = ds.PhotometricInterpretation
     if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
@@ -159,7 +179,8 @@ def _stored_values(path: Path, ds: pydicom.Dataset) -> np.ndarray:
         raise DicomError(path, f"compressed with {syntax.name} and no decoder is installed: "
                                f"pip install {packages}")
     if not syntax.is_encapsulated:
-        expected, found = get_expected_length(ds), len(ds.PixelData or b"")
+        expected = (ds.Rows * ds.Columns * ds.BitsAllocated + 7) // 8  # one greyscale frame
+        found = len(ds.PixelData or b"")
         if found < expected:
             raise DicomError(path, f"truncated pixel data (expected {expected} bytes, "
                                    f"found {found})")
@@ -214,6 +235,11 @@ def _z(ds: pydicom.Dataset) -> float:
         return float(ds.ImagePositionPatient[2])
     except (AttributeError, IndexError, TypeError, ValueError):
         return math.nan
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _one_line(err: BaseException) -> str:
