@@ -5,6 +5,7 @@ Having no layer tied to the input size is what lets weights trained at 256x256 s
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -122,7 +123,8 @@ def load_weights(model: nn.Module, path: str | Path) -> int:
     except FileNotFoundError as err:
         raise UserError(f"{path}: weights file not found.") from err
     except Exception as err:  # unpickling errors have no common base class
-        raise UserError(f"{path}: not a readable PyTorch weights file ({err}).") from err
+        raise UserError(f"{path}: not a readable PyTorch weights file ({_load_problem(path, err)}); "
+                        "give the weights.pt that `train` or a search saved.") from err
     state = saved.get("model", saved) if isinstance(saved, Mapping) else saved
     if not isinstance(state, Mapping):
         raise UserError(f"{path}: expected a state_dict or a checkpoint with a 'model' entry, "
@@ -142,6 +144,9 @@ def _check_matches(
         found = state[name]
         if not isinstance(found, torch.Tensor):
             raise UserError(f"{path}: entry '{name}' is a {type(found).__name__}, not a tensor.")
+        if found.layout != torch.strided or found.is_quantized or found.is_complex():
+            raise UserError(f"{path}: tensor '{name}' is a {found.layout} {found.dtype} tensor; "
+                            "expected plain real-valued weights.")
         if found.shape != tensor.shape:
             raise UserError(f"{path}: tensor '{name}' has shape {tuple(found.shape)} in the file "
                             f"but {tuple(tensor.shape)} in the model; check model.hidden_dims, "
@@ -150,3 +155,16 @@ def _check_matches(
         if name not in expected:
             raise UserError(f"{path}: tensor '{name}' has no place in this model; "
                             "the file was saved from a different model configuration.")
+
+
+def _load_problem(path: str | Path, err: Exception) -> str:
+    """torch.load's reason in a few words: its own messages run to paragraphs of advice."""
+    if isinstance(err, IsADirectoryError):
+        return "a folder, not a file"
+    if Path(path).is_file() and Path(path).stat().st_size == 0:
+        return "the file is empty"
+    if isinstance(err, pickle.UnpicklingError):
+        return "it holds more than tensors and plain containers, or is damaged"
+    if isinstance(err, OSError) and not isinstance(err, PermissionError):  # seeks past a cut-off end
+        return f"truncated or damaged: {err.strerror or err}"
+    return str(err).split(". ")[0].splitlines()[0][:120] if str(err) else type(err).__name__
