@@ -170,6 +170,8 @@ def _stored_values(path: Path, ds: pydicom.Dataset) -> np.ndarray:
     syntax = ds.file_meta.get("TransferSyntaxUID")
     if syntax is None:
         raise DicomError(path, "no Transfer Syntax UID in the file meta information")
+    if not isinstance(syntax, str):
+        raise DicomError(path, f"Transfer Syntax UID is {_short(syntax)}, not one UID")
     try:
         decoder = get_decoder(syntax)
     except NotImplementedError:
