@@ -151,7 +151,9 @@ def _read_tree(path: Path) -> dict:
 
 def _build(tree: dict, source: str) -> ExperimentConfig:
     try:
-        return build_experiment(tree, {})
+        config = build_experiment(tree, {})
+        parse_channels(config.data.channels)  # checked here, where the message can name the model
+        return config
     except ConfigError as err:
         raise ConfigError(f"the config of model '{source}': {err}") from None
 
