@@ -2,18 +2,23 @@
 
 What must hold: cached pixels and labels are exactly what decoding the files gives; a cache is
 reused only while nothing that shapes its bytes has changed; a killed or failed build never looks
-complete; two builders at once end with one good cache; bad images are skipped and counted.
+complete; a second builder waits for the first and uses its cache; a disk without room is refused
+before anything is written; bad images are skipped and counted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import fcntl
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +26,14 @@ import numpy as np
 import pytest
 
 from ich_tune.config.schema import DataConfig, SyntheticConfig
-from ich_tune.data.cache import LABELS_CSV, TRAIN_DIR, ensure_cache, find_dicom_files, open_cache
+from ich_tune.data.cache import (
+    DISK_MARGIN,
+    LABELS_CSV,
+    TRAIN_DIR,
+    ensure_cache,
+    find_dicom_files,
+    open_cache,
+)
 from ich_tune.data.channels import parse_channels, to_channels
 from ich_tune.data.dicom import read_header, read_hu
 from ich_tune.data.labels import read_labels
@@ -64,6 +76,68 @@ def complete_folders(cache_dir: Path) -> list[Path]:
 
 def partial_folders(cache_dir: Path) -> list[Path]:
     return [p for p in cache_dir.iterdir() if ".partial-" in p.name]
+
+
+class Builder:
+    """ensure_cache in a child process of its own session, output to a file; kill() ends its group.
+
+    A context manager, so that a failing test never leaves the builder or its pool workers behind.
+    """
+
+    def __init__(self, root: Path, cache_dir: Path, log: Path) -> None:
+        self.log = log
+        with open(log, "w") as out:  # the child keeps its own handle
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", BUILD, str(root), str(cache_dir)], env=ENV, stdout=out,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+
+    @property
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def kill(self) -> int:
+        """SIGKILL to the whole group (the pool's workers too); the builder's exit status."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        return self.process.wait()
+
+    def __enter__(self) -> Builder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.kill()
+
+
+def open_once_read(pipe: Path, builder: Builder) -> int:
+    """The write end of a named pipe, opened once the builder's decoder has opened it to read.
+
+    From then on the decoder blocks reading it for as long as the caller holds this end and writes
+    nothing: the build is held at a known point, mid-decoding.
+    """
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            return os.open(pipe, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as err:
+            if err.errno != errno.ENXIO:  # ENXIO: no reader yet
+                raise
+        assert builder.process.poll() is None, f"the build ended first:\n{builder.output}"
+        assert time.monotonic() < deadline, f"the build never read the pipe:\n{builder.output}"
+        time.sleep(0.01)
+
+
+def blocked_in_flock(pid: int) -> bool:
+    """Whether a thread of process `pid` waits for a flock, as the kernel lists it ("->" marks waiters)."""
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if fields[1:3] == ["->", "FLOCK"] and str(pid) in fields:
+            return True
+    return False
+
+
+def size_in_bytes(number: str, unit: str) -> float:
+    """'149.0', 'KiB' -> 152576.0, for the sizes the build prints."""
+    return float(number) * 1024 ** ["bytes", "KiB", "MiB", "GiB", "TiB"].index(unit)
 
 
 @pytest.fixture(scope="module")
@@ -183,55 +257,155 @@ def test_changed_file_is_never_read_stale(fresh_data, tmp_path):
     np.testing.assert_array_equal(new.images[0], expected)
 
 
-def test_killed_build_never_looks_complete(data, tmp_path):
-    """SIGKILL to the builder's process group mid-build, then a normal build in its place."""
-    root, _ = data
+def test_killed_build_never_looks_complete(fresh_data, tmp_path):
+    """A build held mid-decoding (a worker blocked reading a named pipe) and killed there with SIGKILL
+    to its process group leaves no complete cache; the next build removes its leftovers and succeeds."""
+    files = find_dicom_files(fresh_data)
+    pipe_id = sorted(files)[4]
+    pipe = files[pipe_id]
+    pipe.unlink()
+    os.mkfifo(pipe)
     cache_dir = tmp_path / "cache"
-    builder = subprocess.Popen([sys.executable, "-c", BUILD, str(root), str(cache_dir)], env=ENV,
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not (cache_dir.is_dir() and partial_folders(cache_dir)):
-            assert builder.poll() is None, "the build ended before it could be interrupted"
-            assert time.monotonic() < deadline, "no partial folder appeared"
-            time.sleep(0.005)
-    finally:
-        os.killpg(builder.pid, signal.SIGKILL)  # the pool's workers too
-        builder.communicate()
+    with Builder(fresh_data, cache_dir, tmp_path / "builder.log") as builder:
+        writer = open_once_read(pipe, builder)
+        try:
+            assert builder.process.poll() is None  # held: the decoder waits on the pipe
+            assert complete_folders(cache_dir) == []
+            [left] = partial_folders(cache_dir)
+            assert (left / "images.npy").is_file()
+        finally:
+            status = builder.kill()
+            os.close(writer)
+    assert status == -signal.SIGKILL
+    assert not any(line.startswith("result ") for line in builder.output.splitlines())
     assert complete_folders(cache_dir) == []
-    [left] = partial_folders(cache_dir)
+    assert partial_folders(cache_dir) == [left]
     # a build killed between writing its manifest and the rename: still not complete
     key = left.name.split(".partial-")[0]
     planted = left.with_name(f"{key}.partial-123")
     planted.mkdir()
     (planted / "manifest.json").write_text("{}")
 
+    # The pipe becomes an empty file of the same size and time, so the key, and with it the leftovers
+    # to clean, stay the same; that slice is then skipped as unreadable.
+    stat = pipe.stat()
+    pipe.unlink()
+    pipe.touch()
+    os.utime(pipe, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     lines = []
-    path = ensure_cache(config(root, cache_dir), root, lines.append)
+    path = ensure_cache(config(fresh_data, cache_dir), fresh_data, lines.append)
     assert any(line.startswith("preprocess:") for line in lines)  # rebuilt, not adopted
     assert path.name == key
     assert complete_folders(cache_dir) == [path]
     assert partial_folders(cache_dir) == []
-    assert open_cache(path).manifest["images"] == len(find_dicom_files(root))
+    manifest = open_cache(path).manifest
+    assert manifest["images"] == len(files) and manifest["decoded"] == len(files) - 1
+    assert list(manifest["skipped"]) == [pipe_id]
+    assert manifest["skipped"][pipe_id].startswith("not a DICOM file")
 
 
-def test_two_builders_at_once_make_one_cache(data, tmp_path):
-    root, _ = data
+@pytest.mark.skipif(not Path("/proc/locks").is_file(), reason="needs Linux's /proc/locks")
+def test_second_builder_waits_for_the_lock_and_uses_the_first_cache(fresh_data, tmp_path):
+    """The test plays the first builder: it holds the key's lock while the cache is not complete.
+    The second must wait in flock, build nothing, and once the lock is released find the cache."""
     cache_dir = tmp_path / "cache"
-    builders = [subprocess.Popen([sys.executable, "-c", BUILD, str(root), str(cache_dir)], env=ENV,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                for _ in range(2)]
-    outputs = [b.communicate(timeout=120) for b in builders]
-    assert [b.returncode for b in builders] == [0, 0], [err for _, err in outputs]
-    results = [line.split(" ", 1)[1] for out, _ in outputs for line in out.splitlines()
-               if line.startswith("result ")]
-    assert len(results) == 2 and results[0] == results[1]
-    built = sum("preprocess:" in out for out, _ in outputs)
-    assert built == 1  # the second waited on the lock and found the first one's cache
-    assert complete_folders(cache_dir) == [Path(results[0])]
+    cfg = config(fresh_data, cache_dir)
+    path = ensure_cache(cfg, fresh_data, quiet)
+    built = (path / "manifest.json").stat().st_mtime_ns
+    aside = tmp_path / "aside"
+    path.rename(aside)  # not complete any more, as while the first build runs
+    lines: list[str] = []
+    outcome: dict = {}
+
+    def second_builder() -> None:
+        try:
+            outcome["path"] = ensure_cache(cfg, fresh_data, lines.append)
+        except BaseException as err:
+            outcome["error"] = err
+
+    thread = threading.Thread(target=second_builder, daemon=True)
+    with open(cache_dir / f"{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            thread.start()
+            deadline = time.monotonic() + 60
+            while not blocked_in_flock(os.getpid()):
+                assert thread.is_alive(), f"the second builder did not wait: {outcome}"
+                assert time.monotonic() < deadline, "the second builder never waited for the lock"
+                time.sleep(0.01)
+            assert thread.is_alive() and outcome == {}
+            assert lines == [] and partial_folders(cache_dir) == [] and complete_folders(cache_dir) == []
+            aside.rename(path)  # the first build finishes: its cache is in place
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    thread.join(120)
+    assert not thread.is_alive()
+    assert outcome == {"path": path}
+    assert lines == []  # found complete, not built a second time
+    assert (path / "manifest.json").stat().st_mtime_ns == built
+    assert complete_folders(cache_dir) == [path]
     assert partial_folders(cache_dir) == []
-    manifest = open_cache(Path(results[0])).manifest
-    assert manifest["images"] == len(find_dicom_files(root))
+
+
+def test_build_prints_its_size_estimate(fresh_data, tmp_path):
+    lines = []
+    path = ensure_cache(config(fresh_data, tmp_path / "cache"), fresh_data, lines.append)
+    [line] = [line for line in lines if line.startswith("preprocess: ") and "slices of" in line]
+    found = re.search(r"; about ([\d.]+) (\w+) on disk, ([\d.]+) (\w+) free\)$", line)
+    assert found, line
+    estimate, free = size_in_bytes(*found.group(1, 2)), size_in_bytes(*found.group(3, 4))
+    written = sum(f.stat().st_size for f in path.iterdir())
+    assert (path / "images.npy").stat().st_size == 9 * 1 * 64 * 64 * 2 + 128  # N x C x S x S x 2, header
+    assert written <= estimate <= written + 2**20  # never short, and close: no room wasted
+    assert free > estimate
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new-folder", "existing-folder"])
+def test_disk_without_room_is_refused_before_anything_is_written(fresh_data, tmp_path, monkeypatch,
+                                                                 existing):
+    cache_dir = tmp_path / "disk" / "cache"
+    if existing:
+        cache_dir.mkdir(parents=True)
+    asked = []
+    real = shutil.disk_usage(tmp_path)
+
+    def tiny_disk(path):  # the operating system's answer for a nearly full disk
+        asked.append(Path(path))
+        return real._replace(free=4096)
+
+    monkeypatch.setattr(shutil, "disk_usage", tiny_disk)
+    with pytest.raises(DataError) as caught:
+        ensure_cache(config(fresh_data, cache_dir), fresh_data, quiet)
+    message = str(caught.value)
+    assert message.startswith(f"{cache_dir}: not enough disk space for the preprocessed cache.")
+    needed = int(re.search(r"needs about [\d.]+ \w+ \(([\d,]+) bytes\)", message).group(1).replace(",", ""))
+    assert 9 * 64 * 64 * 2 < needed < 2**20  # the image array and a little more
+    assert "(4,096 bytes) is free" in message
+    assert "Free some space there, or set data.cache_dir to a folder on a disk with more room." in message
+    assert asked == [cache_dir if existing else tmp_path]  # the nearest folder that exists
+    if existing:
+        assert list(cache_dir.iterdir()) == []  # no lock file, no partial folder
+    else:
+        assert not (tmp_path / "disk").exists()
+
+
+def test_leftovers_of_a_killed_build_count_as_room(fresh_data, tmp_path, monkeypatch):
+    """A killed build's partial folder is removed before building, so its blocks are room: a rerun on
+    a disk it filled must not be refused."""
+    cache_dir = tmp_path / "cache"
+    cfg = config(fresh_data, cache_dir)
+    elsewhere = dataclasses.replace(cfg, cache_dir=str(tmp_path / "elsewhere"))
+    key = ensure_cache(elsewhere, fresh_data, quiet).name  # the same key: cache_dir is not part of it
+    real = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real._replace(free=0))
+    with pytest.raises(DataError) as caught:
+        ensure_cache(cfg, fresh_data, quiet)
+    needed = int(re.search(r"\(([\d,]+) bytes\) plus", str(caught.value)).group(1).replace(",", ""))
+    leftover = cache_dir / f"{key}.partial-99999"
+    leftover.mkdir(parents=True)
+    (leftover / "images.npy").write_bytes(b"\1" * (needed + DISK_MARGIN))  # real blocks, not sparse
+    assert ensure_cache(cfg, fresh_data, quiet) == cache_dir / key
+    assert partial_folders(cache_dir) == []
 
 
 def test_corrupt_file_is_skipped_and_listed(data, hu_cache):

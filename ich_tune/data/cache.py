@@ -9,6 +9,9 @@ index.npz (ids, labels, patient/study/series, z, valid), manifest.json. The key 
 root, a fingerprint of its files and every preprocessing parameter, so a change builds a new cache
 and never reads a stale one. A build writes into a temporary folder renamed into place at the end,
 under a file lock, so an interrupted build never looks complete and two builds do not collide.
+Its size is known before decoding, so a disk without room for it is refused before anything is
+written: the array is mapped sparse, and a full disk would otherwise kill a worker with SIGBUS
+half-way through.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ CACHE_VERSION = 1
 MISSING = "no DICOM file"  # the skip reason of a labelled image whose file is not there
 TRAIN_DIR = "stage_2_train"
 LABELS_CSV = "stage_2_train.csv"
+DISK_MARGIN = 64 * 2**20  # left free after a build: the disk is shared with logs and checkpoints
+INDEX_BYTES_PER_IMAGE = 1024  # index.npz: id, labels, valid, z and three UIDs of up to 64 characters
 
 
 @dataclass
@@ -125,6 +130,8 @@ def ensure_cache(cfg: DataConfig, root: Path, log=print) -> Path:
     final = cache_dir / key
     if (final / "manifest.json").is_file():
         return _checked(final, cfg, root)
+    plan = _plan(cfg, root, files)
+    free = _check_room(cache_dir, key, plan.disk_bytes)  # before anything is created
     cache_dir.mkdir(parents=True, exist_ok=True)
     with open(cache_dir / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second builder waits here, then finds it complete
@@ -134,7 +141,7 @@ def ensure_cache(cfg: DataConfig, root: Path, log=print) -> Path:
             shutil.rmtree(stale, ignore_errors=True)
         partial = cache_dir / f"{key}.partial-{os.getpid()}"
         try:
-            _build(cfg, root, files, partial, params, fingerprint, log)
+            _build(cfg, root, plan, free, partial, params, fingerprint, log)
             _checked(partial, cfg, root)
             os.rename(partial, final)
         finally:
@@ -158,9 +165,25 @@ def _checked(folder: Path, cfg: DataConfig, root: Path) -> Path:
     return folder
 
 
-def _build(cfg: DataConfig, root: Path, files: dict[str, Path], out: Path, params: dict,
-           fingerprint: dict, log) -> None:
-    started = time.perf_counter()
+@dataclass
+class _Plan:
+    """What a build will write, known from the labels CSV before any slice is decoded."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    missing: list[str]  # labelled ids without a file
+    paths: list[str]
+    shape: tuple[int, int, int, int]  # of images.npy
+    dtype: np.dtype
+
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes on disk once built: the image array (plus its header), the index and the manifest."""
+        images = int(np.prod(self.shape)) * self.dtype.itemsize + 4096
+        return images + len(self.ids) * INDEX_BYTES_PER_IMAGE + len(self.missing) * 64 + 2**16
+
+
+def _plan(cfg: DataConfig, root: Path, files: dict[str, Path]) -> _Plan:
     labels = read_labels(root / LABELS_CSV)
     keep = np.array([i in files for i in labels.ids], dtype=bool)
     missing = [str(i) for i in labels.ids[~keep]]
@@ -170,13 +193,63 @@ def _build(cfg: DataConfig, root: Path, files: dict[str, Path], out: Path, param
     if len(ids) == 0:
         raise DataError(f"{root}: none of the {len(labels.ids)} labelled images has a file in {TRAIN_DIR}/.")
     channels = parse_channels(cfg.channels)
+    return _Plan(ids=ids, labels=y, missing=missing, paths=[str(files[i]) for i in ids],
+                 shape=(len(ids), len(channels), cfg.size, cfg.size), dtype=channel_dtype(channels))
+
+
+def _check_room(cache_dir: Path, key: str, needed: int) -> int:
+    """Free bytes for a build of `needed` bytes into cache_dir; a DataError when they are too few.
+
+    Measured on the nearest folder that exists, since cache_dir itself may not yet. Leftovers of a
+    killed build of this key count as free: the build removes them first.
+    """
+    anchor = cache_dir.absolute()
+    while not anchor.exists():
+        anchor = anchor.parent
+    leftovers = sum(_allocated_bytes(p) for p in cache_dir.glob(f"{key}.partial-*"))
+    free = shutil.disk_usage(anchor).free + leftovers
+    if needed + DISK_MARGIN > free:
+        counted = f", counting {_size(leftovers)} left by an interrupted build" if leftovers else ""
+        raise DataError(
+            f"{cache_dir}: not enough disk space for the preprocessed cache. It needs about "
+            f"{_size(needed)} ({needed:,} bytes) plus a margin of {_size(DISK_MARGIN)}, and "
+            f"{_size(free)} ({free:,} bytes) is free on the disk of {anchor}{counted}. Free some "
+            "space there, or set data.cache_dir to a folder on a disk with more room.")
+    return free
+
+
+def _allocated_bytes(folder: Path) -> int:
+    """Disk blocks held by the files of a folder (a sparse array holds only what was written)."""
+    total = 0
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                total += entry.stat(follow_symlinks=False).st_blocks * 512
+    except OSError:  # gone meanwhile, or not a folder: nothing to count
+        pass
+    return total
+
+
+def _size(count: float) -> str:
+    """A byte count for people: 1536 -> '1.5 KiB'."""
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if count < 1024:
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+def _build(cfg: DataConfig, root: Path, plan: _Plan, free: int, out: Path, params: dict,
+           fingerprint: dict, log) -> None:
+    started = time.perf_counter()
+    ids, y, missing, paths = plan.ids, plan.labels, plan.missing, plan.paths
     out.mkdir(parents=True)
-    shape = (len(ids), len(channels), cfg.size, cfg.size)
-    np.lib.format.open_memmap(out / "images.npy", mode="w+", dtype=channel_dtype(channels), shape=shape)
-    paths = [str(files[i]) for i in ids]
+    np.lib.format.open_memmap(out / "images.npy", mode="w+", dtype=plan.dtype, shape=plan.shape)
     workers = cfg.workers or os.cpu_count() or 1
+    _, channels, size, _ = plan.shape
     log(f"preprocess: {len(ids)} slices of {root} -> {out.parent} "
-        f"({len(channels)}x{cfg.size}x{cfg.size} {channel_dtype(channels).name}, {workers} processes)")
+        f"({channels}x{size}x{size} {plan.dtype.name}, {workers} processes; "
+        f"about {_size(plan.disk_bytes)} on disk, {_size(free)} free)")
     headers: list = [None] * len(ids)
     skipped: dict[str, str] = dict.fromkeys(missing, MISSING)
     chunks = [(str(out / "images.npy"), start, paths[start:start + 64], cfg.channels, cfg.size)
