@@ -5,12 +5,14 @@ from __future__ import annotations
 import gzip
 import math
 import pickle
+import struct
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
     CTImageStorage,
@@ -310,6 +312,24 @@ def test_sample_encodings_match_or_name_the_missing_decoder(tmp_path, name, pack
 
 
 def test_decoder_failure_is_a_dicom_error(tmp_path):
+    # RLE data whose header announces 1 segment where a 16-bit slice has 2: pydicom's own RLE
+    # decoder (always available) must refuse it, and the error must say which decoding failed.
+    path = write_ct(tmp_path / "a.dcm", np.arange(256).reshape(16, 16), syntax=RLELossless)
+    ds = pydicom.dcmread(path)
+    [frame] = generate_frames(ds.PixelData, number_of_frames=1)
+    assert struct.unpack("<I", frame[:4]) == (2,)  # high and low byte segments
+    ds.PixelData = encapsulate([struct.pack("<I", 1) + frame[4:]])
+    ds.save_as(path)
+    with pytest.raises(DicomError) as caught:
+        read_hu(path)
+    reason = caught.value.reason
+    assert reason.startswith("cannot decode the RLE Lossless pixel data (")
+    assert "segments" in reason  # the decoder's own words on what is wrong
+    assert reason.endswith("; pip install pylibjpeg pylibjpeg-rle may help")
+    assert str(caught.value) == f"{path}: {reason}"
+
+
+def test_twelve_bit_jpeg_decodes_or_names_the_decoder_to_install(tmp_path):
     # 12-bit JPEG Extended: Pillow is a decoder for it but refuses 12-bit samples.
     path = as_ct_copy("JPEG-lossy.dcm", tmp_path)
     try:
