@@ -45,13 +45,14 @@ def test_empty_patient_id_falls_back_to_the_study():
     assert len(set(groups)) == 5
 
 
-@pytest.mark.parametrize("fraction", [0.0, 0.3, 0.7, 1.0])
-def test_split_keeps_each_patient_on_one_side(fraction):
+# 40 patients: 30% and 70% of them train; at 0 and 1 each side still keeps one patient.
+@pytest.mark.parametrize(("fraction", "n_train"), [(0.0, 1), (0.3, 12), (0.7, 28), (1.0, 39)])
+def test_split_keeps_each_patient_on_one_side(fraction, n_train):
     groups = interleaved_groups(40)
     train, val = split_by_group(groups, fraction, seed=1)
     assert_split_by_group(groups, train, val)
-    n_train = len(set(groups[train]))
-    assert min(max(round(fraction * 40), 1), 39) == n_train  # both sides keep a patient
+    assert len(set(groups[train])) == n_train
+    assert len(set(groups[val])) == 40 - n_train
 
 
 def test_seed_fixes_the_split():
