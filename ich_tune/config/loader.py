@@ -55,8 +55,10 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _LinedDict:
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
         line = key_node.start_mark.line + 1
-        if not isinstance(key, (str, int, float, bool)) or key is None:
-            raise ConfigError(f"{loader.name}:{line}: a mapping key must be a plain name.")
+        if not isinstance(key, str) or not key or "." in key:  # dots join keys into paths
+            raise ConfigError(f"{loader.name}:{line}: a mapping key must be a plain name, got "
+                              f"{repr(key)[:40]}; no dots, and quote one that YAML reads as a number "
+                              "or true/false.")
         if key in mapping:
             raise ConfigError(f"{loader.name}:{line}: key '{key}' appears twice in one mapping; "
                               "keep one.")
