@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ import yaml
 
 from ich_tune.bench import BENCHMARKS
 from ich_tune.config.schema import SyntheticConfig
-from ich_tune.errors import UserError
+from ich_tune.errors import Interrupted, UserError
 
 
 def _add_config_args(parser: argparse.ArgumentParser, what: str) -> None:
@@ -119,26 +120,42 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from ich_tune.config import load_search
     from ich_tune.search import RunOptions, run_search
+    from ich_tune.trials import COMPLETED, table
 
     search = load_search(args.file, args.overrides)
     options = RunOptions(data_root=args.data_root, address=args.address, resume=args.resume,
-                         tracking_uri=args.tracking_uri, name=args.name, num_gpus=args.num_gpus)
+                         tracking_uri=args.tracking_uri, name=args.name, num_gpus=args.num_gpus,
+                         dashboard_port=args.dashboard_port)
     started = time.perf_counter()
-    outcome = run_search(search, options)
+    try:
+        outcome = run_search(search, options)
+    except Interrupted as stop:
+        print(f"\n{stop}\ncontinue it with:\n  {_resume_command(args, stop.run_dir.name)}", file=sys.stderr)
+        return 128 + stop.signal_number
+    metric, mode = search.config.metric, search.config.mode
     print(f"\n{len(outcome.trials)} trials in {time.perf_counter() - started:.0f} s")
-    print(trials_table(outcome.trials))
+    print(table(outcome.trials, metric, mode))
     if outcome.best is None:
-        print("no trial reported the metric; see the errors above.", file=sys.stderr)
+        print("no trial completed with a checkpoint; see the table and the errors above.", file=sys.stderr)
         return 1
     best = outcome.best
-    print(f"\nbest: trial {best['trial_id']}, {best['metric']} {best['best']:.4f} "
-          f"({', '.join(f'{k}={v}' for k, v in best['params'].items())})")
-    print(f"  checkpoint: {best['checkpoint']}")
+    print(f"\nbest: trial {best.trial_id}, {metric} {best.best:.4f} "
+          f"({', '.join(f'{k}={v}' for k, v in best.params.items())})")
+    print(f"  checkpoint: {best.checkpoint}")
     print(f"  MLflow parent run {outcome.parent_run_id}: artifacts best/weights.pt, best/config.yaml, "
           f"trials.csv, model (mlflow.pytorch.load_model('runs:/{outcome.parent_run_id}/model'))")
     print(f"  compare trials: mlflow ui --backend-store-uri {outcome.tracking_uri}")
-    finished = [t for t in outcome.trials if t["status"] == "finished"]
-    return 0 if finished else 1
+    return 0 if any(t.status in COMPLETED for t in outcome.trials) else 1
+
+
+def _resume_command(args: argparse.Namespace, run_name: str) -> str:
+    """The `run` command line that continues this search: the same flags, with --name and --resume."""
+    words = ["python", "-m", "ich_tune", "run", str(args.file)]
+    words += [f"--set={override}" for override in args.overrides]
+    for flag in ("data_root", "address", "tracking_uri", "num_gpus"):
+        if getattr(args, flag) is not None:
+            words += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    return shlex.join([*words, "--name", run_name, "--resume"])
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -185,23 +202,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def trials_table(rows: list[dict]) -> str:
-    """A terminal table of trials: config values, steps, best metric, how each ended."""
-    if not rows:
-        return "(no trials)"
-    params = sorted({k for row in rows for k in row["params"]})
-    header = ["trial", *params, "steps", f"best {rows[0]['metric']}", "ended"]
-    lines = []
-    for row in sorted(rows, key=lambda r: r["trial_id"]):
-        ended = "error" if row["status"] == "error" else ("stopped early" if row["stopped_early"]
-                                                          else "finished")
-        lines.append([row["trial_id"], *(f"{row['params'].get(p)}" for p in params), str(row["steps"]),
-                      f"{row['best']:.4f}", ended])
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *lines, strict=True)]
-    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True))
-                     for line in [header, *lines])
-
-
 def _resources(res: object) -> str:
     text = f"{res.cpu:g} CPU, {res.gpu:g} GPU"
     if 0 < res.gpu < 1:
@@ -243,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite in the storage folder)")
     run.add_argument("--name", help="run folder under <storage>/<search>/ (default: a timestamp)")
     run.add_argument("--num-gpus", type=int, help="GPUs a local Ray declares (default: detected)")
+    run.add_argument("--dashboard-port", type=int,
+                     help="port of a local Ray's dashboard on 127.0.0.1 (default $ICH_TUNE_DASHBOARD_PORT "
+                          "or 8265)")
     run.set_defaults(func=cmd_run)
 
     predict = verbs.add_parser("predict", help="write a Kaggle submission for a folder of DICOM slices")

@@ -11,3 +11,11 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A dataset that cannot be read: a bad labels CSV, a missing folder, too many bad images."""
+
+
+class Interrupted(Exception):
+    """A search stopped by a signal (Ctrl-C, SIGTERM) after saving its state; it can be resumed."""
+
+    def __init__(self, message: str, signal_number: int, run_dir) -> None:
+        super().__init__(message)
+        self.signal_number, self.run_dir = signal_number, run_dir

@@ -18,6 +18,12 @@ ANY = CLASSES.index("any")
 COMPETITION_WEIGHTS = np.array([2.0 if name == "any" else 1.0 for name in CLASSES])
 
 NAN = math.nan
+LOWER_IS_BETTER = ("log_loss",)  # every other metric here (accuracy, AUC, sensitivity, ...) is better high
+
+
+def mode_of(metric: str) -> str:
+    """"min" or "max": how to rank trials by a reported metric (`val_log_loss` -> "min")."""
+    return "min" if metric.removeprefix("val_") in LOWER_IS_BETTER else "max"
 
 
 def compute_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:

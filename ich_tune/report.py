@@ -10,28 +10,23 @@ from __future__ import annotations
 import csv
 import math
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from ich_tune.errors import UserError
-from ich_tune.tracking import TAG_METRIC, TAG_SEARCH_DIR, TAG_STOPPED_EARLY, TAG_TRIAL_ID, child_runs
+from ich_tune.metrics import mode_of
+from ich_tune.tracking import (
+    TAG_ENDED,
+    TAG_MESSAGE,
+    TAG_METRIC,
+    TAG_MODE,
+    TAG_SEARCH_DIR,
+    TAG_TRIAL_ID,
+    child_runs,
+)
+from ich_tune.trials import TrialOutcome, table
 from ich_tune.weights import CONFIG_ARTIFACT, known_searches, mlflow_client, tracking_errors
 
 DEFAULT_METRIC = "val_accuracy"
-
-
-@dataclass
-class Trial:
-    trial_id: str
-    params: dict[str, str]  # flattened experiment keys, as logged
-    steps: int
-    best: float  # of the chosen metric over the trial's history; NaN if never logged
-    ended: str
-
-
-def ascending(metric: str) -> bool:
-    """Losses are better low; every other metric we log (accuracy, AUC, ...) is better high."""
-    return "loss" in metric
 
 
 def search_report(name: str, sort: str | None = None, tracking_uri: str | None = None,
@@ -58,12 +53,17 @@ def _report(name: str, sort: str | None, tracking_uri: str | None, run_id: str |
         what = f"--sort {metric}" if sort else f"{metric} (the search's metric)"
         raise UserError(f"{what}: no trial of search '{name}' logged it; sort by one of "
                         f"{', '.join(available)}.")
-    trials = [_trial(client, run, metric) for run in children]
-    trials.sort(key=lambda t: (math.isnan(t.best), t.best if ascending(metric) else -t.best))
-    order = "lower" if ascending(metric) else "higher"
+    mode = parent.data.tags.get(TAG_MODE) if metric == parent.data.tags.get(TAG_METRIC) else None
+    mode = mode or mode_of(metric)
+    trials = [_trial(client, run, metric, mode) for run in children]
+    keys = {key for t in trials for key in t.params}
+    searched = {k for k in keys if len({t.params.get(k) for t in trials}) > 1}  # what the search varied
+    for t in trials:
+        t.params = {k: v for k, v in t.params.items() if k in searched}
+    order = "lower" if mode == "min" else "higher"
     lines = [f"search '{name}', run {parent_id} ({parent.info.run_name}, {parent.info.status.lower()}): "
              f"{len(trials)} trials, sorted by best {metric} ({order} is better)", "",
-             _table(trials, metric), "", _best_config(client, parent), "",
+             table(trials, metric, mode), "", _best_config(client, parent), "",
              f"compare trials: mlflow ui --backend-store-uri {uri}"]
     return "\n".join(lines)
 
@@ -103,28 +103,15 @@ def _search_metric(client, parent) -> str:
     return DEFAULT_METRIC
 
 
-def _trial(client, run, metric: str) -> Trial:
+def _trial(client, run, metric: str, mode: str) -> TrialOutcome:
     values = [m.value for m in client.get_metric_history(run.info.run_id, metric) if math.isfinite(m.value)]
-    best = (min if ascending(metric) else max)(values) if values else math.nan
-    status = run.info.status
-    if status == "FINISHED":
-        ended = "stopped early" if run.data.tags.get(TAG_STOPPED_EARLY) == "true" else "finished"
-    else:
-        ended = {"FAILED": "failed", "RUNNING": "running"}.get(status, status.lower())
-    return Trial(trial_id=run.data.tags.get(TAG_TRIAL_ID, run.info.run_name), params=run.data.params,
-                 steps=int(run.data.metrics.get("step", 0)), best=best, ended=ended)
-
-
-def _table(trials: list[Trial], metric: str) -> str:
-    """Aligned columns: trial, the params that differ between trials, steps, best metric, ended."""
-    keys = sorted({key for t in trials for key in t.params})
-    searched = [k for k in keys if len({t.params.get(k) for t in trials}) > 1]
-    header = ["trial", *searched, "steps", f"best {metric}", "ended"]
-    rows = [[t.trial_id, *(t.params.get(k, "-") for k in searched), str(t.steps),
-             "-" if math.isnan(t.best) else f"{t.best:.4f}", t.ended] for t in trials]
-    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-                     for row in [header, *rows])
+    tags, status = run.data.tags, run.info.status
+    return TrialOutcome(
+        trial_id=tags.get(TAG_TRIAL_ID, run.info.run_name), status=tags.get(TAG_ENDED, status.lower()),
+        steps=int(run.data.metrics.get("step", 0)),
+        best=(max if mode == "max" else min)(values) if values else math.nan,
+        params=dict(run.data.params),
+        message=tags.get(TAG_MESSAGE, "") if status == "FAILED" else "")  # else a crash it recovered from
 
 
 def _best_config(client, parent) -> str:

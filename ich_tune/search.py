@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
+import math
 import os
+import signal
+import threading
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,14 +26,28 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
+from ich_tune import PRIVATE_ENV
 from ich_tune.config import Search, build_experiment
 from ich_tune.config.markers import to_param_space
-from ich_tune.config.schema import DataConfig, ExperimentConfig, SearchConfig
+from ich_tune.config.schema import DataConfig, SearchConfig
 from ich_tune.data.prepare import prepare_cache
-from ich_tune.errors import UserError
-from ich_tune.train import CHECKPOINT_FILE, LossNotFinite, train
+from ich_tune.errors import Interrupted, UserError
+from ich_tune.train import CHECKPOINT_FILE, TrainingFailed, train
+from ich_tune.trials import (
+    DIVERGED,
+    ENDED_KEY,
+    ERROR,
+    FINISHED,
+    MESSAGE_KEY,
+    STOPPED_EARLY,
+    TrialOutcome,
+    best_of,
+    one_line,
+    worst,
+)
 
-DASHBOARD_PORT = 8265
+DASHBOARD_PORT = int(os.environ.get("ICH_TUNE_DASHBOARD_PORT", 8265))
+PID_FILE = "worker.pid"  # in each trial's folder: the process that trains it, on its node
 
 
 @dataclass
@@ -39,6 +58,7 @@ class RunOptions:
     tracking_uri: str | None = None
     name: str | None = None  # the run folder under <storage>/<search name>/; default a timestamp
     num_gpus: int | None = None  # logical GPUs declared when starting a local Ray
+    dashboard_port: int | None = None  # default DASHBOARD_PORT
 
 
 @dataclass
@@ -50,10 +70,13 @@ class TrialSettings:
     randomize_seed: bool
     threads: int
     gpu_fraction: float
+    metric: str
+    mode: str
 
 
 class PruningOptunaSearch(OptunaSearch):
-    """Optuna hears of trials that ASHA stopped before their budget as pruned, not complete."""
+    """Optuna hears of trials that ASHA stopped before their budget, and of diverged trials, as
+    pruned (a bad region to learn from), and of trials that ended in an error as failed."""
 
     def __init__(self, *args, budget: int, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -62,11 +85,14 @@ class PruningOptunaSearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         from optuna.trial import TrialState
 
-        if result and not error and result.get("step", self.budget) < self.budget \
-                and trial_id not in self._completed_trials:
-            self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
-            self._completed_trials.add(trial_id)
-            return
+        if result and not error and trial_id not in self._completed_trials:
+            ended = result.get(ENDED_KEY)
+            state = TrialState.FAIL if ended == ERROR else TrialState.PRUNED if (
+                ended == DIVERGED or result.get("step", self.budget) < self.budget) else None
+            if state is not None:
+                self._ot_study.tell(self._ot_trials[trial_id], state=state)
+                self._completed_trials.add(trial_id)
+                return
         super().on_trial_complete(trial_id, result, error)
 
 
@@ -77,6 +103,7 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
     cfg = build_experiment(config, {})
     context = tune.get_context()
     trial_dir = Path(context.get_trial_dir())
+    (trial_dir / PID_FILE).write_text(f"{os.getpid()}\n")
     if settings.randomize_seed:  # stable across retries of the same trial
         cfg.seed = zlib.crc32(context.get_trial_id().encode())
     if torch.cuda.is_available() and 0 < settings.gpu_fraction < 1:
@@ -94,9 +121,10 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
             train(cfg, cache, trial_dir / "work", report=report, threads=settings.threads,
                   resume_from=Path(resume_dir) if resume_dir else None,
                   tensorboard_dir=trial_dir / "tensorboard")
-        except LossNotFinite as err:
-            print(f"trial stopped: {err}")
-            tune.report({"step": err.step, "diverged": 1.0, "seed": cfg.seed})
+        except TrainingFailed as err:  # NaN loss, out of memory: a retry would fail the same way
+            print(f"trial ended ({err.status}): {err}")
+            tune.report({"step": err.step or 0, settings.metric: worst(settings.mode), ENDED_KEY: err.status,
+                         MESSAGE_KEY: one_line(str(err)), "seed": cfg.seed})
 
 
 def make_scheduler(config: SearchConfig, budget: int):
@@ -111,15 +139,9 @@ def make_search_alg(config: SearchConfig, budget: int):
         from optuna.samplers import TPESampler
 
         return PruningOptunaSearch(sampler=TPESampler(seed=config.search_alg.seed), budget=budget)
-    return BasicVariantGenerator(random_state=config.search_alg.seed)
-
-
-def trial_budget(search: Search, example: ExperimentConfig) -> int:
-    """ASHA's max_t: the training steps of a full trial."""
-    if example.train.max_steps is None:
-        raise UserError(f"{search.path}: a search needs a step budget: set num_train_steps "
-                        "(ASHA's time axis is training steps).")
-    return example.train.max_steps
+    # Tune applies max_concurrent_trials to Searchers (Optuna) only; the variant generator takes it itself
+    return BasicVariantGenerator(random_state=config.search_alg.seed,
+                                 max_concurrent=config.max_concurrent_trials or 0)
 
 
 def absolute_paths(tree: dict, data_root: Path | None) -> dict:
@@ -145,13 +167,18 @@ def resolve_init_from(tree: dict, tracking_uri: str, dest: Path) -> dict:
 
 
 def start_ray(options: RunOptions, log=print) -> None:
-    """Join --address, or start a local Ray with its dashboard on 127.0.0.1, and say how to open it."""
+    """Join --address, or start a local Ray with its dashboard on 127.0.0.1, and say how to open it.
+
+    Workers get the driver's telemetry settings (off unless the user turned them on), also on a
+    cluster whose nodes were started without them.
+    """
     if ray.is_initialized():
         return
     kwargs = {"address": options.address} if options.address else {
-        "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": DASHBOARD_PORT,
-        "num_gpus": options.num_gpus}
-    context = ray.init(**kwargs, log_to_driver=True)
+        "include_dashboard": True, "dashboard_host": "127.0.0.1",
+        "dashboard_port": options.dashboard_port or DASHBOARD_PORT, "num_gpus": options.num_gpus}
+    env = {name: os.environ[name] for name in PRIVATE_ENV if name in os.environ}
+    context = ray.init(**kwargs, log_to_driver=True, runtime_env={"env_vars": env})
     url = context.dashboard_url
     if url:
         token = Path.home() / ".ray" / "auth_token"
@@ -160,6 +187,56 @@ def start_ray(options: RunOptions, log=print) -> None:
                if os.environ.get("RAY_AUTH_MODE") != "disabled" and token.exists()
                else "no token needed (RAY_AUTH_MODE=disabled)")
         log(f"Ray dashboard: http://{url} ({how})")
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Held while a driver writes `run_dir`: a second `run` of the same folder (a --resume, or the same
+    --name) is refused instead of corrupting the first. The kernel drops it when the driver dies."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(run_dir.parent / f".{run_dir.name}.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise UserError(f"{run_dir}: another `run` (pid {lock.read().strip() or '?'}) is writing this "
+                            "search now; wait for it to end, or start another with a new --name.") from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield
+
+
+class GracefulStop:
+    """Ctrl-C or SIGTERM during `fit`: Ray Tune's own graceful stop (SIGUSR1), which stops the trials
+    and saves the search's state for --resume. A second signal stops at once."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> GracefulStop:
+        if threading.current_thread() is not threading.main_thread():
+            return self  # only the main thread may set signal handlers; Tune then sets none either
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Tune would not tell us it was interrupted
+        for number in (signal.SIGINT, signal.SIGTERM):
+            self._previous[number] = signal.signal(number, self._handle)
+        self._previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._before_tune)
+        return self
+
+    @staticmethod
+    def _before_tune(number: int, frame) -> None:
+        raise KeyboardInterrupt  # a stop before Tune has set up its own handler: nothing to save yet
+
+    def _handle(self, number: int, frame) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = number
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
 
 
 def resolve_run_dir(search: Search, options: RunOptions) -> Path:
@@ -180,27 +257,33 @@ class SearchOutcome:
     run_dir: Path
     parent_run_id: str
     tracking_uri: str
-    trials: list[dict]  # one row per trial: id, status, steps, stopped_early, best metric, config
-    best: dict | None  # the best row, with its checkpoint path
+    trials: list[TrialOutcome]
+    best: TrialOutcome | None
 
 
 def run_search(search: Search, options: RunOptions, log=print) -> SearchOutcome:
+    """Run (or --resume) a search while holding its run folder's lock."""
+    run_dir = resolve_run_dir(search, options)
+    with run_lock(run_dir):
+        if options.resume and not tune.Tuner.can_restore(str(run_dir)):
+            raise UserError(f"--resume: {run_dir} holds no search state to resume.")
+        if not options.resume and run_dir.exists():
+            raise UserError(f"{run_dir} exists already: add --resume to continue it, or pick another --name.")
+        return _run(search, options, run_dir, log)
+
+
+def _run(search: Search, options: RunOptions, run_dir: Path, log) -> SearchOutcome:
     from mlflow.tracking import MlflowClient
 
     from ich_tune import tracking
 
     config = search.config
-    run_dir = resolve_run_dir(search, options)
-    if options.resume and not tune.Tuner.can_restore(str(run_dir)):
-        raise UserError(f"--resume: {run_dir} holds no search state to resume.")
-    if not options.resume and run_dir.exists():
-        raise UserError(f"{run_dir} exists already: add --resume to continue it, or pick another --name.")
     storage = Path(config.storage).resolve()
     uri = options.tracking_uri or config.tracking_uri or tracking.default_tracking_uri(storage)
     experiment = resolve_init_from(absolute_paths(search.experiment, options.data_root), uri,
                                    storage / "init_weights" / search.name)
     first = search.trial_experiment(search.first_values, experiment)
-    budget = trial_budget(search, first)
+    budget = first.train.max_steps  # ASHA's max_t; load_search made sure there is one
     cache = prepare_cache(first.data, log)  # once, before any trial starts
 
     start_ray(options, log)
@@ -215,7 +298,7 @@ def run_search(search: Search, options: RunOptions, log=print) -> SearchOutcome:
     exp_id = tracking.experiment_id(client, search.name, storage / "mlartifacts")
     parent_id = tracking.parent_run(client, exp_id, run_dir, run_dir.name, {
         "ich_tune.search_file": str(search.path), "ich_tune.search": search.name,
-        tracking.TAG_METRIC: config.metric})
+        tracking.TAG_METRIC: config.metric, tracking.TAG_MODE: config.mode})
     if not options.resume:
         resolved = {**dataclasses.asdict(config), "experiment": experiment}
         client.log_text(parent_id, yaml.safe_dump(resolved, sort_keys=False), "search/resolved.yaml")
@@ -225,7 +308,8 @@ def run_search(search: Search, options: RunOptions, log=print) -> SearchOutcome:
     log(f"TensorBoard: tensorboard --logdir {run_dir}")
 
     settings = TrialSettings(data=first.data, cache_path=cache, randomize_seed=config.randomize_seed,
-                             threads=max(1, int(config.resources.cpu)), gpu_fraction=resources["gpu"])
+                             threads=max(1, int(config.resources.cpu)), gpu_fraction=resources["gpu"],
+                             metric=config.metric, mode=config.mode)
     trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings), resources)
     if options.resume:
         log(f"resuming {run_dir}")
@@ -247,45 +331,50 @@ def run_search(search: Search, options: RunOptions, log=print) -> SearchOutcome:
                     checkpoint_score_order=config.mode),
                 failure_config=tune.FailureConfig(max_failures=config.max_failures)),
         )
-    results = tuner.fit()
-    rows = summarize(results, search, budget)
-    best = pick_best(rows, config.mode)
-    tracking.log_search_result(client, uri, parent_id, rows, best, cache)
-    return SearchOutcome(run_dir, parent_id, uri, rows, best)
+    stop = GracefulStop()
+    try:
+        with stop:
+            results = tuner.fit()
+    except BaseException as err:
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        tracking.end_unfinished(client, parent_id, status)
+        raise
+    if stop.signal is not None:
+        tracking.end_unfinished(client, parent_id, "KILLED")
+        raise Interrupted(f"search stopped by {signal.Signals(stop.signal).name}; its state is saved in "
+                          f"{run_dir}", stop.signal, run_dir)
+    trials = summarize(results, search, budget)
+    best = best_of(trials, config.mode)
+    tracking.log_search_result(client, uri, parent_id, trials, best, cache, config.metric)
+    return SearchOutcome(run_dir, parent_id, uri, trials, best)
 
 
-def summarize(results, search: Search, budget: int) -> list[dict]:
-    """A row per trial: its dimensions' values, steps run, best metric, how it ended."""
+def summarize(results, search: Search, budget: int) -> list[TrialOutcome]:
+    """How each trial ended, its steps, its best metric, and its best checkpoint."""
     metric, mode = search.config.metric, search.config.mode
-    rows = []
+    outcomes = []
     for result in results:
         last = result.metrics or {}
         history = result.metrics_dataframe
-        values = history[metric].dropna() if history is not None and metric in history.columns else ()
-        steps = int(last.get("step", 0))
+        rows = history.to_dict("records") if history is not None else []
+        validations = [row for row in rows if not isinstance(row.get(ENDED_KEY), str)]  # NaN where absent
+        values = [row[metric] for row in validations
+                  if isinstance(row.get(metric), (int, float)) and math.isfinite(row[metric])]
+        steps = max((int(row["step"]) for row in validations), default=0)
+        if result.error:
+            status, message = ERROR, one_line(result.error)
+        elif isinstance(last.get(ENDED_KEY), str):
+            status, message = last[ENDED_KEY], last.get(MESSAGE_KEY, "")
+        else:
+            status, message = (STOPPED_EARLY if steps < budget else FINISHED), ""
         checkpoint = result.get_best_checkpoint(metric, mode) if result.best_checkpoints else None
-        rows.append({
-            "trial_id": last.get("trial_id") or Path(result.path).name,
-            "status": "error" if result.error else "finished",
-            "steps": steps,
-            "stopped_early": result.error is None and steps < budget,
-            "best": float(max(values) if mode == "max" else min(values)) if len(values) else float("nan"),
-            "metric": metric,
-            "seed": last.get("seed"),
-            "params": {d.path: _lookup(result.config or {}, d.path) for d in search.dimensions},
-            "config": result.config,
-            "history": history.to_dict("records") if history is not None else [],
-            "checkpoint": Path(checkpoint.path) / CHECKPOINT_FILE if checkpoint else None,
-            "path": result.path,
-        })
-    return rows
-
-
-def pick_best(rows: list[dict], mode: str) -> dict | None:
-    scored = [r for r in rows if r["best"] == r["best"] and r["checkpoint"]]  # NaN != NaN
-    if not scored:
-        return None
-    return (max if mode == "max" else min)(scored, key=lambda r: r["best"])
+        outcomes.append(TrialOutcome(
+            trial_id=last.get("trial_id") or Path(result.path).name, status=status, steps=steps,
+            best=float((max if mode == "max" else min)(values)) if values else float("nan"),
+            params={d.path: _lookup(result.config or {}, d.path) for d in search.dimensions},
+            message=message, seed=last.get("seed"), config=result.config, history=validations,
+            checkpoint=Path(checkpoint.path) / CHECKPOINT_FILE if checkpoint else None))
+    return outcomes
 
 
 def _lookup(tree: dict, dotted: str):

@@ -21,12 +21,25 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from ich_tune.train import EXAMPLES_FILE, VALIDATION_FILE
+from ich_tune.trials import (
+    COMPLETED,
+    ENDED_KEY,
+    ERROR,
+    FINISHED,
+    MESSAGE_KEY,
+    STOPPED_EARLY,
+    TrialOutcome,
+    one_line,
+)
 
 TAG_SEARCH_DIR = "ich_tune.search_dir"
 TAG_TRIAL_ID = "ich_tune.trial_id"
 TAG_PARENT = "mlflow.parentRunId"
-TAG_STOPPED_EARLY = "ich_tune.stopped_early"
+TAG_ENDED = "ich_tune.ended"  # on a trial's run: finished, stopped early, diverged or error
+TAG_MESSAGE = "ich_tune.message"  # ... why it diverged or failed (or, while it runs, its last crash)
+TAG_RESTARTS = "ich_tune.restarts"  # how often a crashed trial was restarted from its checkpoint
 TAG_METRIC = "ich_tune.metric"  # the metric the search optimised, on its parent run
+TAG_MODE = "ich_tune.mode"  # ... and whether higher (max) or lower (min) is better
 
 
 def default_tracking_uri(storage: Path) -> str:
@@ -50,6 +63,15 @@ def parent_run(client: MlflowClient, exp_id: str, search_dir: Path, run_name: st
         return runs[0].info.run_id
     run = client.create_run(exp_id, run_name=run_name, tags={TAG_SEARCH_DIR: str(search_dir), **tags})
     return run.info.run_id
+
+
+def end_unfinished(client: MlflowClient, parent_run_id: str, status: str) -> None:
+    """A search that stops before its end: its parent run and its running trials' runs end `status`
+    (KILLED on Ctrl-C), not RUNNING forever; --resume sets them running again."""
+    for run in child_runs(client, parent_run_id):
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status)
+    client.set_terminated(parent_run_id, status)
 
 
 def child_runs(client: MlflowClient, parent_run_id: str) -> list:
@@ -116,6 +138,10 @@ class MlflowTrials(tune.Callback):
         self.last_step[trial.trial_id] = -1
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if ENDED_KEY in result:  # the trial gave up: its metric is a stand-in worst value, not a measurement
+            self.client.log_batch(self.runs[trial.trial_id], tags=[
+                RunTag(TAG_ENDED, result[ENDED_KEY]), RunTag(TAG_MESSAGE, result.get(MESSAGE_KEY, ""))])
+            return
         step = int(result.get("step", -1))
         if step <= self.last_step.get(trial.trial_id, -1):
             return  # replayed after a restore: already logged
@@ -134,12 +160,28 @@ class MlflowTrials(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self.runs[trial.trial_id]
-        stopped = self.last_step.get(trial.trial_id, -1) < self.budget
-        self.client.log_batch(run_id, tags=[RunTag(TAG_STOPPED_EARLY, str(stopped).lower())])
-        self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+        ended = (trial.last_result or {}).get(ENDED_KEY)
+        if ended is None:  # a diverged trial has its tags already
+            ended = STOPPED_EARLY if self.last_step.get(trial.trial_id, -1) < self.budget else FINISHED
+            self.client.log_batch(run_id, tags=[RunTag(TAG_ENDED, ended)])
+        self.client.set_terminated(run_id, "FINISHED" if ended in COMPLETED else "FAILED")
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """A crashed trial that Ray restarts from its checkpoint: its run says so, and goes on."""
+        self.client.log_batch(self.runs[trial.trial_id], tags=[
+            RunTag(TAG_RESTARTS, str(trial.num_failures)), RunTag(TAG_MESSAGE, _last_error(trial))])
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.client.set_terminated(self.runs[trial.trial_id], RunStatus.to_string(RunStatus.FAILED))
+        run_id = self.runs[trial.trial_id]
+        self.client.log_batch(run_id, tags=[RunTag(TAG_ENDED, ERROR),
+                                            RunTag(TAG_MESSAGE, _last_error(trial))])
+        self.client.set_terminated(run_id, "FAILED")
+
+
+def _last_error(trial: Any) -> str:
+    """The trial's latest exception as one line (Ray keeps it in the trial's folder)."""
+    error = trial.get_pickled_error() or trial.get_error()
+    return one_line(error)[:5000] if error else "unknown error"
 
 
 def write_plots(checkpoint_dir: Path, history: list[dict], cache_path: Path, config, out: Path) -> None:
@@ -156,22 +198,20 @@ def write_plots(checkpoint_dir: Path, history: list[dict], cache_path: Path, con
     (out / "curves.png").write_bytes(training_curves(history))
 
 
-TRIAL_COLUMNS = ("trial_id", "status", "steps", "stopped_early", "best", "seed")
-
-
-def write_trials_csv(rows: list[dict], path: Path) -> None:
-    """All trials side by side: id, how each ended, steps, best metric, the searched values."""
-    params = sorted({k for row in rows for k in row["params"]})
+def write_trials_csv(trials: list[TrialOutcome], metric: str, path: Path) -> None:
+    """All trials side by side: id, how each ended and why, steps, best metric, the searched values."""
+    params = sorted({k for t in trials for k in t.params})
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow([*TRIAL_COLUMNS[:4], f"best_{rows[0]['metric']}" if rows else "best",
-                         "seed", *params])
-        for row in rows:
-            writer.writerow([*(row[c] for c in TRIAL_COLUMNS), *(row["params"].get(p) for p in params)])
+        writer.writerow(["trial_id", "ended", "steps", f"best_{metric}", "seed", "message", *params])
+        for t in trials:
+            writer.writerow([t.trial_id, t.status, t.steps, t.best, t.seed, t.message,
+                             *(t.params.get(p) for p in params)])
 
 
-def log_search_result(client: MlflowClient, tracking_uri: str, parent_run_id: str, rows: list[dict],
-                      best: dict | None, cache_path: Path) -> None:
+def log_search_result(client: MlflowClient, tracking_uri: str, parent_run_id: str,
+                      trials: list[TrialOutcome], best: TrialOutcome | None, cache_path: Path,
+                      metric: str) -> None:
     """The parent run's end: trials table, best config, its weights, model, plots and metrics."""
     import mlflow
     import mlflow.pytorch
@@ -184,25 +224,25 @@ def log_search_result(client: MlflowClient, tracking_uri: str, parent_run_id: st
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        if rows:
-            write_trials_csv(rows, folder / "trials.csv")
+        if trials:
+            write_trials_csv(trials, metric, folder / "trials.csv")
             client.log_artifact(parent_run_id, str(folder / "trials.csv"))
         if best is None:
             client.set_terminated(parent_run_id, RunStatus.to_string(RunStatus.FAILED))
             return
-        state = torch.load(best["checkpoint"], map_location="cpu", weights_only=True)
+        state = torch.load(best.checkpoint, map_location="cpu", weights_only=True)
         torch.save(state["model"], folder / "weights.pt")
-        (folder / "config.yaml").write_text(yaml.safe_dump(best["config"], sort_keys=False))
-        config = build_experiment(best["config"], {})
-        write_plots(best["checkpoint"].parent, best["history"], cache_path, config, folder)
+        (folder / "config.yaml").write_text(yaml.safe_dump(best.config, sort_keys=False))
+        config = build_experiment(best.config, {})
+        write_plots(best.checkpoint.parent, best.history, cache_path, config, folder)
         for name in ("weights.pt", "config.yaml", "examples.png", "roc.png", "curves.png"):
             client.log_artifact(parent_run_id, str(folder / name), "best")
-        params = [Param(k, str(v)[:6000]) for k, v in flatten(best["config"]).items()]
+        params = [Param(k, str(v)[:6000]) for k, v in flatten(best.config).items()]
         metrics = {f"best_{k}": v for k, v in numeric(state["history"][-1]).items()}
         now = int(time.time() * 1000)
         client.log_batch(parent_run_id, params=params[:100], tags=[
-            RunTag("ich_tune.best_trial", best["trial_id"]), RunTag("ich_tune.best_checkpoint",
-                                                                   str(best["checkpoint"]))],
+            RunTag("ich_tune.best_trial", best.trial_id), RunTag("ich_tune.best_checkpoint",
+                                                                 str(best.checkpoint))],
             metrics=[Metric(k, v, now, int(state["step"])) for k, v in metrics.items()])
         for start in range(100, len(params), 100):
             client.log_batch(parent_run_id, params=params[start:start + 100])

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ich_tune.config.schema import ExperimentConfig
+from ich_tune.data.channels import parse_channels
 from ich_tune.data.loader import TrainBatches, to_float, validation_batches
 from ich_tune.data.prepare import Splits, load_splits
 from ich_tune.device import Placement, place
@@ -27,6 +28,7 @@ from ich_tune.metrics import compute_metrics
 from ich_tune.model import build_model, count_parameters, load_weights
 from ich_tune.optim import make_loss, make_optimizer, make_scheduler
 from ich_tune.plots import example_grid, png_to_array
+from ich_tune.trials import DIVERGED, ERROR
 
 CHECKPOINT_FILE = "checkpoint.pt"
 VALIDATION_FILE = "validation.npz"  # probabilities, labels and cache rows of the validation there
@@ -34,12 +36,41 @@ EXAMPLES_FILE = "examples.png"  # the per-class example grid, every logging.plot
 Report = Callable[[dict, Path | None], None]  # (metrics, folder holding a checkpoint or None)
 
 
-class LossNotFinite(UserError):
-    """Training diverged; the message says at which step and what to change."""
+class TrainingFailed(UserError):
+    """Training cannot go on, and would fail the same way if retried; the message says what to change."""
 
-    def __init__(self, message: str, step: int) -> None:
+    status = ERROR
+
+    def __init__(self, message: str, step: int | None = None) -> None:
         super().__init__(message)
-        self.step = step
+        self.step = step  # where it happened, when known
+
+
+class LossNotFinite(TrainingFailed):
+    """The loss became NaN or infinite."""
+
+    status = DIVERGED
+
+
+class OutOfMemory(TrainingFailed):
+    """The batch did not fit in the memory given to this run."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, Python's MemoryError, or the CPU allocator's RuntimeError."""
+    return isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
+
+
+def out_of_memory(cfg: ExperimentConfig) -> OutOfMemory:
+    """The message names the sizes involved and what to lower."""
+    size, channels = cfg.data.size, len(parse_channels(cfg.data.channels))
+    share = cfg.train.cuda_memory_fraction
+    return OutOfMemory(
+        f"out of memory: batch size {cfg.train.batch_size}, input {channels}x{size}x{size}, "
+        f"{f'GPU share {share:g}' if share else 'no GPU share set'}. Lower train.batch_size (or the input "
+        "size, data.lod, or the model, model.hidden_dims), or give each trial a larger share "
+        "(resources.gpu).")
 
 
 @dataclass
@@ -69,7 +100,18 @@ def total_steps(cfg: ExperimentConfig, batches_per_epoch: int) -> int:
 def train(cfg: ExperimentConfig, cache_path: Path, out_dir: Path, report: Report | None = None,
           resume_from: Path | None = None, threads: int | None = None, log=print,
           tensorboard_dir: Path | None = None) -> Outcome:
-    """Train one model; validate every `train.val_interval` steps and at the end."""
+    """Train one model; validate every `train.val_interval` steps and at the end. Running out of memory
+    ends it with one message that says what to lower."""
+    try:
+        return _train(cfg, cache_path, out_dir, report, resume_from, threads, log, tensorboard_dir)
+    except Exception as err:
+        if is_out_of_memory(err):
+            raise out_of_memory(cfg) from None
+        raise
+
+
+def _train(cfg: ExperimentConfig, cache_path: Path, out_dir: Path, report: Report | None,
+           resume_from: Path | None, threads: int | None, log, tensorboard_dir: Path | None) -> Outcome:
     torch.set_num_threads(cfg.train.threads or threads or os.cpu_count() or 1)
     seed_everything(cfg.seed, cfg.train.deterministic)
     placement = place(cfg.train)
@@ -116,8 +158,9 @@ def train(cfg: ExperimentConfig, cache_path: Path, out_dir: Path, report: Report
         with placement.autocast():
             loss = loss_fn(model(images).float(), labels)
         if not torch.isfinite(loss):
-            raise LossNotFinite(f"step {step}: the training loss is {loss.item()}. Lower optimizer.lr (now "
-                                f"{cfg.optimizer.lr:g}), set optimizer.grad_clip, or try amp: off.", step)
+            raise LossNotFinite(f"step {step}: the training loss is {loss.item()}. Lower optimizer.lr "
+                                f"(now {cfg.optimizer.lr:g}), set optimizer.grad_clip, or try amp: off.",
+                                step)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if cfg.optimizer.grad_clip:
@@ -154,8 +197,10 @@ def train(cfg: ExperimentConfig, cache_path: Path, out_dir: Path, report: Report
                 if key.startswith("val_") and math.isfinite(value):
                     writer.add_scalar(f"val/{key[4:]}", value, step)
             writer.flush()
-        checkpoint = _save_checkpoint(out_dir, step, model, optimizer, scheduler, scaler, batches, history)
-        np.savez(checkpoint / VALIDATION_FILE, probs=probs, labels=labels, indices=splits.val[:len(probs)])
+        checkpoint = _save_checkpoint(out_dir, step, model, optimizer, scheduler, scaler, batches,
+                                      history)
+        np.savez(checkpoint / VALIDATION_FILE, probs=probs, labels=labels,
+                 indices=splits.val[:len(probs)])
         if step % cfg.logging.plot_interval == 0 or step == steps:
             png = example_grid(splits.cache.rows(splits.val), labels, probs, cfg.logging.plot_examples,
                                cfg.logging.plot_baseline, seed=cfg.seed)

@@ -1,9 +1,12 @@
 """Shared fixtures: a small synthetic RSNA-layout dataset, written once per test session."""
 
 import contextlib
+import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ich_tune.config import build_experiment
 from ich_tune.config.loader import merge
@@ -41,6 +44,57 @@ def tiny_tree(root: Path, cache_dir: Path, **sections) -> dict:
 def tiny_config(tiny_rsna, tmp_path):
     """A factory: tiny_config(train={"max_steps": 8}) -> ExperimentConfig."""
     return lambda **sections: build_experiment(tiny_tree(tiny_rsna, tmp_path / "cache", **sections), {})
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the in-process searches: 2 CPUs and 1 GPU declared as a logical resource."""
+    import ray
+
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def write_space(folder: Path, tiny_rsna: Path, experiment: dict | None = None, **settings) -> Path:
+    """A search file over the tiny dataset, its storage (MLflow database included) in `folder`/runs."""
+    space = {
+        "experiment": tiny_tree(tiny_rsna, folder / "cache", **(experiment or {})),
+        "num_train_steps": 6, "val_interval": 3, "metric": "val_log_loss", "mode": "min",
+        "scheduler": {"name": "asha", "grace_period": 3, "reduction_factor": 2},
+        "resources": {"cpu": 1, "gpu": 0}, "storage": str(folder / "runs"),
+        **settings,
+    }
+    path = folder / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+@dataclass
+class RecordedSearch:
+    space: Path
+    exit_status: int
+    output: str  # what `run` printed
+    run_dir: Path
+    tracking_uri: str
+
+
+@pytest.fixture(scope="session")
+def recorded_search(ray_cluster, tiny_rsna, tmp_path_factory) -> RecordedSearch:
+    """`ich_tune run` of a real search, recorded by the real MLflow callback, one trial at a time:
+    lr 0.05 runs its 9 steps; lr 1e-7 is worse at the first rung (step 3), so ASHA stops it there;
+    lr 1e30 diverges at its first steps. Read it, don't write to it: tests share it."""
+    from ich_tune.cli import main
+
+    folder = tmp_path_factory.mktemp("recorded")
+    space = write_space(folder, tiny_rsna, experiment={
+        "optimizer": {"name": "sgd", "momentum": 0.0, "lr": {"grid_search": [0.05, 1e-7, 1e30]}},
+        "schedule": {"warmup_steps": 0}}, num_train_steps=9, max_concurrent_trials=1)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = main(["run", str(space), "--name", "recorded"])
+    return RecordedSearch(space, status, out.getvalue(), folder / "runs" / "space" / "recorded",
+                          f"sqlite:///{folder / 'runs' / 'mlflow.db'}")
 
 
 def free_port() -> int:

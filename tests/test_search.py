@@ -12,34 +12,16 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from ich_tune.tracking import child_runs
-from tests.conftest import tiny_tree
+from tests.conftest import write_space as shared_write_space
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_space(tmp_path: Path, tiny_rsna: Path, **settings) -> Path:
-    space = {
-        "experiment": tiny_tree(tiny_rsna, tmp_path / "cache",
-                                optimizer={"lr": {"grid_search": [0.003, 0.0003]}},
-                                logging={"tensorboard": True, "plot_interval": 3}),
-        "num_train_steps": 6, "val_interval": 3, "metric": "val_log_loss", "mode": "min",
-        "scheduler": {"name": "asha", "grace_period": 3, "reduction_factor": 2},
-        "resources": {"cpu": 1, "gpu": 0}, "storage": str(tmp_path / "runs"),
-        **settings,
-    }
-    path = tmp_path / "space.yaml"
-    path.write_text(yaml.safe_dump(space))
-    return path
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """One local Ray for the in-process searches: 2 CPUs and 1 GPU declared as a logical resource."""
-    import ray
-
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def write_space(tmp_path: Path, tiny_rsna: Path, experiment: dict | None = None, **settings) -> Path:
+    """By default two learning rates, recorded with TensorBoard and an example grid every 3 steps."""
+    experiment = experiment or {"optimizer": {"lr": {"grid_search": [0.003, 0.0003]}},
+                                "logging": {"tensorboard": True, "plot_interval": 3}}
+    return shared_write_space(tmp_path, tiny_rsna, experiment=experiment, **settings)
 
 
 @pytest.mark.slow
@@ -89,8 +71,8 @@ def test_quarter_gpu_runs_four_trials_at_once(ray_cluster, tiny_rsna, tmp_path):
 
     space = write_space(tmp_path, tiny_rsna, resources={"cpu": 0.5, "gpu": 0.25},
                         scheduler={"name": "fifo"}, num_train_steps=30, val_interval=15,
-                        experiment=tiny_tree(tiny_rsna, tmp_path / "cache", optimizer={
-                            "lr": {"grid_search": [0.001, 0.002, 0.003, 0.004]}}))
+                        experiment={"optimizer": {
+                            "lr": {"grid_search": [0.001, 0.002, 0.003, 0.004]}}})
     outcome = run_search(load_search(space), RunOptions(name="gpu"), log=lambda *_: None)
     client = MlflowClient(outcome.tracking_uri)
     spans = [(c.info.start_time, c.info.end_time) for c in child_runs(client, outcome.parent_run_id)]
@@ -108,8 +90,8 @@ def run_cli(*args: str, **kwargs) -> subprocess.Popen:
 @pytest.mark.slow
 def test_killed_search_resumes_without_duplicating_runs(tiny_rsna, tmp_path):
     space = write_space(tmp_path, tiny_rsna, scheduler={"name": "fifo"}, num_train_steps=60,
-                        val_interval=10, experiment=tiny_tree(tiny_rsna, tmp_path / "cache", optimizer={
-                            "lr": {"grid_search": [0.001, 0.002, 0.003]}}))
+                        val_interval=10, experiment={"optimizer": {
+                            "lr": {"grid_search": [0.001, 0.002, 0.003]}}})
     driver = run_cli("run", str(space), "--name", "k")
     run_dir = tmp_path / "runs" / "space" / "k"
     deadline = time.time() + 240

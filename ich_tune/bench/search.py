@@ -29,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from ich_tune.config import load_search
     from ich_tune.search import RunOptions, run_search
     from ich_tune.tracking import child_runs
+    from ich_tune.trials import STOPPED_EARLY, best_of
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     figures: dict = {"machine": f"{os.cpu_count()} CPU cores", "space": str(args.space)}
@@ -45,10 +46,9 @@ def run(args: argparse.Namespace) -> int:
         wall = max(end for _, end in spans) - min(start for start, _ in spans)
         busy = sum(end - start for start, end in spans)
         figures[label] = {
-            "trials": len(outcome.trials), "steps": sum(t["steps"] for t in outcome.trials),
-            "stopped_early": sum(t["stopped_early"] for t in outcome.trials),
-            "best": max(t["best"] for t in outcome.trials) if search.config.mode == "max"
-            else min(t["best"] for t in outcome.trials),
+            "trials": len(outcome.trials), "steps": sum(t.steps for t in outcome.trials),
+            "stopped_early": sum(t.status == STOPPED_EARLY for t in outcome.trials),
+            "best": best.best if (best := best_of(outcome.trials, search.config.mode)) else float("nan"),
             "metric": search.config.metric, "wall_s": wall, "busy_s": busy, "concurrency": concurrency,
             "efficiency": busy / (concurrency * wall), "command_s": time.perf_counter() - started,
         }
