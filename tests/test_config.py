@@ -229,6 +229,25 @@ def test_a_search_without_a_step_budget_is_refused_when_loaded(tmp_path):
     assert search.trial_experiment({"model.dropout": 0.1}).train.max_steps == 40
 
 
+def test_an_unknown_window_is_located_when_the_file_is_loaded(tmp_path):
+    write(tmp_path, {"e.yaml": "seed: 1\ndata:\n  channels: [brain, subdurl]\n",
+                     "s.yaml": "num_train_steps: 5\nexperiment:\n"
+                               "  data: {channels: {choice: [[brain], [bone, x]]}}\n"})
+    with pytest.raises(ConfigError, match=r"e.yaml:3: key 'data.channels': unknown window 'subdurl'; did you "
+                                          r"mean 'subdural'\?"):
+        load_experiment(tmp_path / "e.yaml")
+    with pytest.raises(ConfigError, match=r"s.yaml:3: key 'data.channels': unknown window 'x'"):
+        load_search(tmp_path / "s.yaml")  # every candidate of a dimension is checked
+
+
+def test_a_gpu_share_below_rays_step_is_refused(tmp_path):
+    write(tmp_path, {"s.yaml": "num_train_steps: 5\nexperiment: {seed: 1}\nresources:\n  gpu: 5.0e-324\n"})
+    with pytest.raises(ConfigError, match=r"s.yaml:4: key 'resources.gpu': .* below the smallest share Ray "
+                                          r"schedules \(0.0001\); use 0 or a share such as 0.25"):
+        load_search(tmp_path / "s.yaml")
+    assert load_search(tmp_path / "s.yaml", ["resources.gpu=0.0001"]).config.resources.gpu == 0.0001
+
+
 def test_include_cycle(tmp_path):
     write(tmp_path, {"a.yaml": "include: b.yaml\n", "b.yaml": "include: [a.yaml]\n"})
     with pytest.raises(ConfigError, match=r"b.yaml:1: include cycle: .*a.yaml -> .*b.yaml -> .*a.yaml"):

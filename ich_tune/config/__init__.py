@@ -12,6 +12,7 @@ from typing import Any
 from ich_tune.config.loader import load_tree, parse_yaml, set_path
 from ich_tune.config.markers import Dimension, find_dimensions, grid_points, substitute
 from ich_tune.config.schema import ExperimentConfig, Origins, SearchConfig, build, where
+from ich_tune.data.channels import CHANNELS_KEY, parse_channels
 from ich_tune.errors import ConfigError
 
 __all__ = ["ExperimentConfig", "Search", "SearchConfig", "build_experiment", "load_experiment",
@@ -61,8 +62,15 @@ def _check_override_key(key: str, cls: type) -> None:
 
 
 def build_experiment(tree: dict, origins: Origins) -> ExperimentConfig:
-    """A typed experiment from a tree without markers."""
-    return build(ExperimentConfig, tree, origins)
+    """A typed experiment from a tree without markers; its windows are checked here too, so a bad one
+    is reported with its file and line before any data is read."""
+    config = build(ExperimentConfig, tree, origins)
+    try:
+        parse_channels(config.data.channels)
+    except ConfigError as err:
+        raise ConfigError(f"{where(CHANNELS_KEY, origins)}: {str(err).removeprefix(CHANNELS_KEY + ': ')}") \
+            from None
+    return config
 
 
 def load_experiment(path: Path, overrides: list[str] = ()) -> tuple[ExperimentConfig, dict]:
@@ -111,6 +119,9 @@ class Search:
         return build_experiment(substitute(experiment or self.experiment, values), self.origins)
 
 
+RAY_RESOURCE_STEP = 1e-4  # Ray counts fractional resources in steps of this size
+
+
 def load_search(path: Path, overrides: list[str] = ()) -> Search:
     """A search file, checked through: every value a trial may see is type-checked now."""
     path = Path(path)
@@ -122,6 +133,10 @@ def load_search(path: Path, overrides: list[str] = ()) -> Search:
             key = f"experiment.{key}"
         set_path(tree, origins, key, value, f"--set {key.removeprefix('experiment.')}")
     config = build(SearchConfig, tree, origins)
+    if 0 < config.resources.gpu < RAY_RESOURCE_STEP:
+        raise ConfigError(f"{where('resources.gpu', origins)}: {config.resources.gpu:g} is below the "
+                          f"smallest share Ray schedules ({RAY_RESOURCE_STEP:g}); use 0 or a share such as "
+                          "0.25.")
     experiment = dict(config.experiment)
     origins = {k.removeprefix("experiment."): v for k, v in origins.items()
                if k.startswith("experiment.")} | {"": origins.get("experiment", str(path))}

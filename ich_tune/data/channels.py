@@ -16,7 +16,7 @@ from ich_tune.errors import ConfigError
 
 WINDOWS = {"brain": (40.0, 80.0), "subdural": (80.0, 200.0), "bone": (40.0, 380.0)}
 HU_RANGE = (-1024.0, 3071.0)  # what a 12-bit CT can hold; "hu" channels are clipped to it
-_KEY = "data.channels"
+CHANNELS_KEY = "data.channels"
 
 
 @dataclass(frozen=True)
@@ -34,13 +34,13 @@ def parse_channels(spec: str | list) -> tuple[Channel, ...]:
         return (Channel("hu", None, None),)
     items = [spec] if isinstance(spec, str) else spec
     if not isinstance(items, list) or not items:
-        raise ConfigError(f"{_KEY}: expected \"hu\" or a non-empty list of windows "
+        raise ConfigError(f"{CHANNELS_KEY}: expected \"hu\" or a non-empty list of windows "
                           f"({', '.join(WINDOWS)} or {{center: .., width: ..}}), got {spec!r}")
     channels = tuple(_window(item) for item in items)
     names = [c.name for c in channels]
     for name in names:
         if names.count(name) > 1:
-            raise ConfigError(f"{_KEY}: window '{name}' appears more than once")
+            raise ConfigError(f"{CHANNELS_KEY}: window '{name}' appears more than once")
     return channels
 
 
@@ -92,29 +92,29 @@ def to_channels(hu: np.ndarray, channels: tuple[Channel, ...], size: int) -> np.
 def _window(item: object) -> Channel:
     if isinstance(item, str):
         if item == "hu":
-            raise ConfigError(f"{_KEY}: \"hu\" cannot be mixed with windows; use \"hu\" alone "
+            raise ConfigError(f"{CHANNELS_KEY}: \"hu\" cannot be mixed with windows; use \"hu\" alone "
                               "or only windows")
         if item not in WINDOWS:
             close = difflib.get_close_matches(item, WINDOWS, n=1)
             hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(WINDOWS)}"
-            raise ConfigError(f"{_KEY}: unknown window '{item}'; {hint} "
+            raise ConfigError(f"{CHANNELS_KEY}: unknown window '{item}'; {hint} "
                               "(or give {center: .., width: ..} in HU)")
         return Channel(item, *WINDOWS[item])
     if isinstance(item, Mapping):
         unknown = set(item) - {"center", "width", "name"}
         if unknown or not {"center", "width"} <= set(item):
-            raise ConfigError(f"{_KEY}: a custom window needs keys center and width (and "
+            raise ConfigError(f"{CHANNELS_KEY}: a custom window needs keys center and width (and "
                               f"optionally name), got {dict(item)!r}")
         center, width = _number(item["center"], "center"), _number(item["width"], "width")
         if width <= 0:
-            raise ConfigError(f"{_KEY}: window width must be > 0 HU, got {width:g}")
+            raise ConfigError(f"{CHANNELS_KEY}: window width must be > 0 HU, got {width:g}")
         name = str(item.get("name") or f"c{center:g}_w{width:g}")
         return Channel(name, center, width)
-    raise ConfigError(f"{_KEY}: expected a window name or {{center: .., width: ..}}, "
+    raise ConfigError(f"{CHANNELS_KEY}: expected a window name or {{center: .., width: ..}}, "
                       f"got {item!r}")
 
 
 def _number(value: object, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{_KEY}: window {key} must be a number in HU, got {value!r}")
+        raise ConfigError(f"{CHANNELS_KEY}: window {key} must be a number in HU, got {value!r}")
     return float(value)
