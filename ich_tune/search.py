@@ -360,7 +360,7 @@ def summarize(results, search: Search, budget: int) -> list[TrialOutcome]:
         validations = [row for row in rows if not isinstance(row.get(ENDED_KEY), str)]  # NaN where absent
         values = [row[metric] for row in validations
                   if isinstance(row.get(metric), (int, float)) and math.isfinite(row[metric])]
-        steps = max((int(row["step"]) for row in validations), default=0)
+        steps = max((int(row["step"]) for row in rows), default=0)  # a diverged trial's last step included
         if result.error:
             status, message = ERROR, one_line(result.error)
         elif isinstance(last.get(ENDED_KEY), str):

@@ -138,17 +138,16 @@ class MlflowTrials(tune.Callback):
         self.last_step[trial.trial_id] = -1
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        step, now = int(result.get("step", -1)), int(time.time() * 1000)
+        new = step > self.last_step.get(trial.trial_id, -1)  # else replayed after a restore: logged already
         if ENDED_KEY in result:  # the trial gave up: its metric is a stand-in worst value, not a measurement
-            self.client.log_batch(self.runs[trial.trial_id], tags=[
+            metrics = [Metric("step", step, now, step)] if new else []
+            self.client.log_batch(self.runs[trial.trial_id], metrics=metrics, tags=[
                 RunTag(TAG_ENDED, result[ENDED_KEY]), RunTag(TAG_MESSAGE, result.get(MESSAGE_KEY, ""))])
-            return
-        step = int(result.get("step", -1))
-        if step <= self.last_step.get(trial.trial_id, -1):
-            return  # replayed after a restore: already logged
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, step) for k, v in {**numeric(result), "step": step}.items()]
-        self.client.log_batch(self.runs[trial.trial_id], metrics=metrics)
-        self.last_step[trial.trial_id] = step
+        elif new:
+            metrics = [Metric(k, v, now, step) for k, v in {**numeric(result), "step": step}.items()]
+            self.client.log_batch(self.runs[trial.trial_id], metrics=metrics)
+        self.last_step[trial.trial_id] = max(step, self.last_step.get(trial.trial_id, -1))
 
     def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
         """The trial's example grid (written at its plot interval) goes to its run."""
