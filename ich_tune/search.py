@@ -315,7 +315,7 @@ def _run(search: Search, options: RunOptions, run_dir: Path, log) -> SearchOutco
         log(f"resuming {run_dir}")
         tuner = tune.Tuner.restore(str(run_dir), trainable, resume_errored=True)
     else:
-        callback = tracking.MlflowTrials(uri, exp_id, parent_id, budget)
+        callback = tracking.MlflowTrials(uri, exp_id, parent_id, budget, [d.path for d in search.dimensions])
         tuner = tune.Tuner(
             trainable,
             param_space=to_param_space(experiment, search.dimensions),

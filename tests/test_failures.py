@@ -62,6 +62,13 @@ def test_a_diverging_trial_ends_alone_and_the_search_finishes(recorded_search):
     stand_in = client.get_metric_history(children["1e+30"].info.run_id, "val_log_loss")
     assert stand_in == []  # the worst value is for the schedulers, not a measurement to log
     assert parent.data.tags["ich_tune.best_trial"] == children["0.05"].data.tags[TAG_TRIAL_ID]
+    assert parent.data.tags["mlflow.note.content"].startswith(
+        f"Best: trial {children['0.05'].data.tags[TAG_TRIAL_ID]} (optimizer.lr=0.05), val_log_loss 0.")
+    assert parent.data.tags["mlflow.note.content"].endswith(
+        "3 trials (1 finished, 1 stopped early, 1 diverged).")
+    assert {run.info.run_name for run in children.values()} == {"lr=0.05", "lr=1e-07", "lr=1e+30"}
+    kind = client.get_experiment_by_name("space").tags["mlflow.experimentKind"]
+    assert kind == "custom_model_development"  # MLflow's UI opens it on its training runs
 
     trials_csv = client.download_artifacts(parent.info.run_id, "trials.csv",
                                            str(recorded_search.run_dir.parent))
