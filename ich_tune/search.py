@@ -32,7 +32,7 @@ from ich_tune.config.markers import to_param_space
 from ich_tune.config.schema import DataConfig, SearchConfig
 from ich_tune.data.prepare import prepare_cache
 from ich_tune.errors import Interrupted, UserError
-from ich_tune.train import CHECKPOINT_FILE, TrainingFailed, train
+from ich_tune.train import CHECKPOINT_FILE, TrainingFailed, train, write_hparams
 from ich_tune.trials import (
     DIVERGED,
     ENDED_KEY,
@@ -72,6 +72,7 @@ class TrialSettings:
     gpu_fraction: float
     metric: str
     mode: str
+    dimensions: list[str]  # the searched keys, dotted
 
 
 class PruningOptunaSearch(OptunaSearch):
@@ -116,6 +117,9 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
         tune.report({**metrics, "seed": cfg.seed}, checkpoint=checkpoint)
 
     checkpoint = tune.get_checkpoint()
+    if cfg.logging.tensorboard and checkpoint is None:  # once, not again on a restart
+        searched = {path: _lookup(config, path) for path in settings.dimensions}
+        write_hparams(trial_dir / "tensorboard", searched)
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_dir:
         try:
             train(cfg, cache, trial_dir / "work", report=report, threads=settings.threads,
@@ -309,7 +313,8 @@ def _run(search: Search, options: RunOptions, run_dir: Path, log) -> SearchOutco
 
     settings = TrialSettings(data=first.data, cache_path=cache, randomize_seed=config.randomize_seed,
                              threads=max(1, int(config.resources.cpu)), gpu_fraction=resources["gpu"],
-                             metric=config.metric, mode=config.mode)
+                             metric=config.metric, mode=config.mode,
+                             dimensions=[d.path for d in search.dimensions])
     trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings), resources)
     if options.resume:
         log(f"resuming {run_dir}")

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ from ich_tune.trials import DIVERGED, ERROR
 CHECKPOINT_FILE = "checkpoint.pt"
 VALIDATION_FILE = "validation.npz"  # probabilities, labels and cache rows of the validation there
 EXAMPLES_FILE = "examples.png"  # the per-class example grid, every logging.plot_interval steps
+HPARAM_METRICS = ("val/accuracy", "val/auc_any", "val/auc_mean", "val/log_loss")  # scalars written below
 Report = Callable[[dict, Path | None], None]  # (metrics, folder holding a checkpoint or None)
 
 
@@ -262,6 +264,19 @@ def _save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, scal
 def _discard(folder: Path | None) -> None:
     if folder is not None:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_hparams(folder: Path, values: dict[str, Any]) -> None:
+    """A trial's searched values for TensorBoard's HParams dashboard. Its metric columns are the
+    validation scalars the training loop writes to the same folder, so stopped trials show too."""
+    from tensorboardX import SummaryWriter
+    from tensorboardX.summary import hparams
+
+    plain = {k: v if isinstance(v, (bool, str, int, float)) else str(v) for k, v in values.items()}
+    experiment, session_start, _ = hparams(plain, dict.fromkeys(HPARAM_METRICS, 0.0))
+    with SummaryWriter(str(folder)) as writer:
+        writer.file_writer.add_summary(experiment)
+        writer.file_writer.add_summary(session_start)
 
 
 def _tensorboard(folder: Path, enabled: bool):

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from ich_tune.data.prepare import prepare_cache
-from ich_tune.train import CHECKPOINT_FILE, LossNotFinite, train
+from ich_tune.train import CHECKPOINT_FILE, HPARAM_METRICS, LossNotFinite, train, write_hparams
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,3 +102,22 @@ def test_train_command_prints_metrics_and_saves_weights(tiny_rsna, tmp_path):
     state = torch.load(out / "weights.pt", weights_only=True)
     assert "head.weight" in state
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["max_steps"] == 4
+
+
+def test_hparams_name_the_values_and_the_scalars_training_writes(tiny_config, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    config = tiny_config(logging={"tensorboard": True})
+    write_hparams(tmp_path / "tb", {"optimizer.lr": 0.003, "model.hidden_dims": [8, 16]})
+    train(config, prepare_cache(config.data), tmp_path / "out", tensorboard_dir=tmp_path / "tb",
+          log=lambda *_: None)
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")
+    session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    assert session.session_start_info.hparams["optimizer.lr"].number_value == 0.003
+    assert session.session_start_info.hparams["model.hidden_dims"].string_value == "[8, 16]"
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert [m.name.tag for m in experiment.metric_infos] == list(HPARAM_METRICS)
+    assert set(HPARAM_METRICS) <= set(events.Tags()["scalars"])  # every column has its series
