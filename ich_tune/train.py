@@ -21,6 +21,7 @@ import torch
 
 from ich_tune.config.schema import ExperimentConfig
 from ich_tune.data.channels import parse_channels
+from ich_tune.data.context import input_channels
 from ich_tune.data.loader import TrainBatches, to_float, validation_batches
 from ich_tune.data.prepare import Splits, load_splits
 from ich_tune.device import Placement, place
@@ -118,7 +119,7 @@ def _train(cfg: ExperimentConfig, cache_path: Path, out_dir: Path, report: Repor
     seed_everything(cfg.seed, cfg.train.deterministic)
     placement = place(cfg.train)
     splits = load_splits(cache_path, cfg.data, log)
-    model = build_model(cfg.model, in_channels=splits.cache.images.shape[1])
+    model = build_model(cfg.model, in_channels=input_channels(cfg.data))
     if cfg.model.init_from and resume_from is None:
         loaded = load_weights(model, Path(cfg.model.init_from).expanduser())
         log(f"model: {loaded} tensors loaded from {cfg.model.init_from}")
@@ -285,4 +286,3 @@ def _tensorboard(folder: Path, enabled: bool):
     from tensorboardX import SummaryWriter
 
     return SummaryWriter(str(folder), flush_secs=10)
-

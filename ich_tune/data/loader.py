@@ -3,6 +3,8 @@
 Batches are gathered straight from the memory-mapped array in the training process (a sorted
 fancy index: sequential page reads, one copy). No worker processes: with decoding done once,
 this is faster than pickling batches between processes, and trials sharing a machine stay light.
+A cache opened with a context (`context.with_context`) gives each slice with its neighbours as
+extra channels, in the order context.py describes.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ich_tune.data.cache import Cache
+from ich_tune.data.context import ContextCache, stack
 
 
 def to_float(batch: torch.Tensor) -> torch.Tensor:
@@ -27,9 +30,12 @@ def to_float(batch: torch.Tensor) -> torch.Tensor:
 
 
 def gather(cache: Cache, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (storage dtype) and float labels for the given slice indices."""
+    """Images (storage dtype; with their neighbours for a ContextCache) and float labels for the
+    given slice indices."""
     order = np.sort(indices)
-    return torch.from_numpy(cache.images[order]), torch.from_numpy(cache.labels[order].astype(np.float32))
+    rows = cache.neighbours[order] if isinstance(cache, ContextCache) else order[:, None]
+    labels = cache.labels[order].astype(np.float32)
+    return torch.from_numpy(stack(cache.images, rows)), torch.from_numpy(labels)
 
 
 class TrainBatches:

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from ich_tune.config.schema import DataConfig
-from ich_tune.data.cache import LABELS_CSV, Cache, ensure_cache, open_cache
+from ich_tune.data.cache import LABELS_CSV, ensure_cache, open_cache
+from ich_tune.data.context import ContextCache, with_context
 from ich_tune.data.split import describe_split, patient_groups, split_by_group
 from ich_tune.errors import DataError
 
@@ -47,14 +48,15 @@ def prepare_cache(cfg: DataConfig, log=print) -> Path:
 
 @dataclass
 class Splits:
-    cache: Cache
+    cache: ContextCache  # with the neighbours of data.context
     train: np.ndarray  # slice indices into the cache
     val: np.ndarray
 
 
 def load_splits(cache_path: Path, cfg: DataConfig, log=print) -> Splits:
-    """Open the cache and split its decodable slices by patient."""
-    cache = open_cache(cache_path)
+    """Open the cache with its neighbour table for data.context and split its decodable slices by
+    patient."""
+    cache = with_context(open_cache(cache_path), cfg.context)
     valid = np.flatnonzero(cache.valid)
     groups = patient_groups(cache.patient_ids[valid], cache.study_uids[valid])
     train, val = split_by_group(groups, cfg.train_fraction, cfg.split_seed, cfg.folds, cfg.fold)
