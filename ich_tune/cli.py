@@ -70,8 +70,7 @@ def _experiment(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import torch
-
+    from ich_tune.checkpoint import save_checkpoint
     from ich_tune.data.prepare import prepare_cache
     from ich_tune.metrics import format_metrics
     from ich_tune.train import train
@@ -87,7 +86,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     cache = prepare_cache(config.data)
     outcome = train(config, cache, out)
-    torch.save(outcome.model.state_dict(), out / "weights.pt")
+    save_checkpoint(out / "weights.pt", config, outcome.model)
     print(f"\nvalidation after {outcome.steps} steps ({time.perf_counter() - started:.0f} s in all):")
     print(format_metrics(outcome.metrics))
     print(f"\nweights: {out / 'weights.pt'}\nconfig:  {out / 'config.yaml'}\n"

@@ -244,12 +244,10 @@ def log_search_result(client: MlflowClient, tracking_uri: str, parent_run_id: st
     """The parent run's end: trials table, best config, its weights, model, plots and metrics."""
     import mlflow
     import mlflow.pytorch
-    import torch
     import yaml
 
+    from ich_tune.checkpoint import load_checkpoint, save_checkpoint
     from ich_tune.config import build_experiment
-    from ich_tune.data.channels import parse_channels
-    from ich_tune.model import build_model
 
     client.set_tag(parent_run_id, TAG_DESCRIPTION, describe(trials, best, metric))
     with tempfile.TemporaryDirectory() as tmp:
@@ -260,10 +258,11 @@ def log_search_result(client: MlflowClient, tracking_uri: str, parent_run_id: st
         if best is None:
             client.set_terminated(parent_run_id, RunStatus.to_string(RunStatus.FAILED))
             return
-        state = torch.load(best.checkpoint, map_location="cpu", weights_only=True)
-        torch.save(state["model"], folder / "weights.pt")
-        (folder / "config.yaml").write_text(yaml.safe_dump(best.config, sort_keys=False))
+        saved = load_checkpoint(best.checkpoint)
+        model, state = saved.build(), saved.training
         config = build_experiment(best.config, {})
+        save_checkpoint(folder / "weights.pt", config, model)
+        (folder / "config.yaml").write_text(yaml.safe_dump(best.config, sort_keys=False))
         write_plots(best.checkpoint.parent, best.history, cache_path, config, folder)
         for name in ("weights.pt", "config.yaml", "examples.png", "roc.png", "curves.png"):
             client.log_artifact(parent_run_id, str(folder / name), "best")
@@ -276,8 +275,6 @@ def log_search_result(client: MlflowClient, tracking_uri: str, parent_run_id: st
             metrics=[Metric(k, v, now, int(state["step"])) for k, v in metrics.items()])
         for start in range(100, len(params), 100):
             client.log_batch(parent_run_id, params=params[start:start + 100])
-        model = build_model(config.model, in_channels=len(parse_channels(config.data.channels)))
-        model.load_state_dict(state["model"])
         mlflow.set_tracking_uri(tracking_uri)
         with mlflow.start_run(run_id=parent_run_id):  # ends the parent run FINISHED
             mlflow.pytorch.log_model(model.eval(), name="model", pip_requirements=["torch", "ich_tune"],

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ich_tune.checkpoint import load_checkpoint, load_state, load_weights, save_checkpoint
 from ich_tune.config.schema import ExperimentConfig
 from ich_tune.data.channels import parse_channels
 from ich_tune.data.context import input_channels
@@ -27,7 +28,7 @@ from ich_tune.data.prepare import Splits, load_splits
 from ich_tune.device import Placement, place
 from ich_tune.errors import UserError
 from ich_tune.metrics import compute_metrics
-from ich_tune.model import build_model, count_parameters, load_weights
+from ich_tune.models import build_model, count_parameters
 from ich_tune.optim import make_loss, make_optimizer, make_scheduler
 from ich_tune.plots import example_grid, png_to_array
 from ich_tune.trials import DIVERGED, ERROR
@@ -136,8 +137,9 @@ def _train(cfg: ExperimentConfig, cache_path: Path, out_dir: Path, report: Repor
     scaler = torch.amp.GradScaler("cuda", enabled=placement.half == torch.float16)
     start, history = 0, []
     if resume_from is not None:
-        state = torch.load(resume_from / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
+        saved = load_checkpoint(resume_from / CHECKPOINT_FILE)
+        load_state(model, saved)
+        state = saved.training
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -200,7 +202,7 @@ def _train(cfg: ExperimentConfig, cache_path: Path, out_dir: Path, report: Repor
                 if key.startswith("val_") and math.isfinite(value):
                     writer.add_scalar(f"val/{key[4:]}", value, step)
             writer.flush()
-        checkpoint = _save_checkpoint(out_dir, step, model, optimizer, scheduler, scaler, batches,
+        checkpoint = _save_checkpoint(out_dir, cfg, step, model, optimizer, scheduler, scaler, batches,
                                       history)
         np.savez(checkpoint / VALIDATION_FILE, probs=probs, labels=labels,
                  indices=splits.val[:len(probs)])
@@ -245,20 +247,17 @@ def predict_batches(model: torch.nn.Module, batches, placement: Placement) -> tu
     return np.concatenate(all_probs), np.concatenate(all_labels)
 
 
-def _save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, scaler,
+def _save_checkpoint(out_dir: Path, cfg: ExperimentConfig, step: int, model, optimizer, scheduler, scaler,
                      batches: TrainBatches, history: list[dict]) -> Path:
-    """Write checkpoint.pt into a fresh folder; returns the folder."""
+    """Write checkpoint.pt (the model, and all a resume needs) into a fresh folder; returns it."""
     folder = out_dir / f"checkpoint_{step:07d}"
     folder.mkdir(parents=True, exist_ok=True)
-    state = {
-        "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-        "sampler": batches.state(), "torch_rng": torch.get_rng_state(),
+    save_checkpoint(folder / CHECKPOINT_FILE, cfg, model, training={
+        "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(), "sampler": batches.state(), "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "history": history,
-    }
-    torch.save(state, folder / f"{CHECKPOINT_FILE}.tmp")
-    os.replace(folder / f"{CHECKPOINT_FILE}.tmp", folder / CHECKPOINT_FILE)
+    })
     return folder
 
 
@@ -286,3 +285,4 @@ def _tensorboard(folder: Path, enabled: bool):
     from tensorboardX import SummaryWriter
 
     return SummaryWriter(str(folder), flush_secs=10)
+

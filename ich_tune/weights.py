@@ -20,12 +20,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ich_tune.checkpoint import input_channels, load_checkpoint, load_state
 from ich_tune.config import build_experiment, load_experiment
 from ich_tune.config.loader import parse_yaml, read_text
 from ich_tune.config.schema import ExperimentConfig
 from ich_tune.data.channels import parse_channels
 from ich_tune.errors import ConfigError, UserError
-from ich_tune.model import build_model, load_weights
+from ich_tune.models import build_model
 from ich_tune.train import CHECKPOINT_FILE
 
 if TYPE_CHECKING:
@@ -102,16 +103,18 @@ def load_trained(spec: str, tracking_uri: str | None,
     """The trained network in eval mode and its experiment config (`config_path` overrides it)."""
     with tempfile.TemporaryDirectory(prefix="ich_tune-weights-") as tmp:
         weights, tree = resolve_weights(spec, tracking_uri, Path(tmp))
+        checkpoint = load_checkpoint(weights)
+        tree = checkpoint.experiment or tree  # files of an older version: the config.yaml beside them
         if config_path is not None:
             config, _ = load_experiment(config_path)
         elif tree is None:
-            raise UserError(f"model '{spec}': no {CONFIG_FILE} beside {weights}, so the network and its "
-                            "input channels are unknown; pass --config with the experiment file it was "
-                            "trained with.")
+            raise UserError(f"model '{spec}': {weights} does not describe its experiment and has no "
+                            f"{CONFIG_FILE} beside it, so the network and its input are unknown; pass "
+                            "--config with the experiment file it was trained with.")
         else:
             config = _build(tree, spec)
-        model = build_model(config.model, in_channels=len(parse_channels(config.data.channels)))
-        load_weights(model, weights)
+        model = build_model(config.model, input_channels(config))
+        load_state(model, checkpoint)
     return model.eval(), config
 
 

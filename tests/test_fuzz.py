@@ -23,14 +23,15 @@ import pytest
 import torch
 import yaml
 
+from ich_tune.checkpoint import load_weights
 from ich_tune.config import build_experiment, load_experiment, load_search
 from ich_tune.config.loader import load_tree
-from ich_tune.config.schema import ModelConfig
 from ich_tune.data.channels import parse_channels
 from ich_tune.data.dicom import DicomError, read_header, read_slice
 from ich_tune.data.labels import CLASSES, read_labels, write_labels
 from ich_tune.errors import ConfigError, DataError, UserError
-from ich_tune.model import build_model, load_weights
+from ich_tune.models import build_model
+from ich_tune.models.resnet import ResNetConfig
 from ich_tune.weights import load_trained
 from tests.conftest import ROOT, Cli, tiny_tree
 
@@ -350,7 +351,7 @@ def test_not_a_slice_is_one_dicom_error(tmp_path, data):
 # --- weights ----------------------------------------------------------------------------------
 
 def tiny_model() -> torch.nn.Module:
-    return build_model(ModelConfig(hidden_dims=[8, 16]), in_channels=3)
+    return build_model(ResNetConfig(hidden_dims=[8, 16]), in_channels=3)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom and torch comment on damaged input

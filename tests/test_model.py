@@ -2,9 +2,10 @@ import pytest
 import torch
 from torch import nn
 
-from ich_tune.config.schema import ModelConfig
+from ich_tune.checkpoint import load_weights
 from ich_tune.errors import UserError
-from ich_tune.model import ResNetClassifier2d, build_model, count_parameters, load_weights
+from ich_tune.models import build_model, count_parameters
+from ich_tune.models.resnet import ResNetClassifier2d, ResNetConfig
 
 
 def tiny(**overrides) -> ResNetClassifier2d:
@@ -60,7 +61,7 @@ def test_gradient_reaches_every_parameter():
 
 
 def test_build_model_follows_config():
-    cfg = ModelConfig(hidden_dims=[4, 8], blocks_per_stage=2, pooling="avg", stem_stride=4,
+    cfg = ResNetConfig(hidden_dims=[4, 8], blocks_per_stage=2, pooling="avg", stem_stride=4,
                       dropout=0.3, num_classes=5)
     model = build_model(cfg, in_channels=2)
     assert model.stem[0][0].in_channels == 2

@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from ich_tune.checkpoint import load_checkpoint
 from ich_tune.data.prepare import prepare_cache
 from ich_tune.train import CHECKPOINT_FILE, HPARAM_METRICS, LossNotFinite, train, write_hparams
 
@@ -99,8 +100,14 @@ def test_train_command_prints_metrics_and_saves_weights(tiny_rsna, tmp_path):
                              "--set", "train.max_steps=4"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "accuracy" in result.stdout and "all-neg" in result.stdout and "AUC" in result.stdout
-    state = torch.load(out / "weights.pt", weights_only=True)
-    assert "head.weight" in state
+    saved = load_checkpoint(out / "weights.pt")  # describes itself: family, arguments, input, experiment
+    assert saved.model == {"name": "ResNetClassifier2d", "num_classes": 6, "hidden_dims": [8, 16],
+                           "blocks_per_stage": 1, "pooling": "max", "stem_stride": 1, "dropout": 0.1}
+    assert saved.input == {"channels": ["brain", "subdural", "bone"], "size": 32, "in_channels": 3}
+    assert saved.experiment["train"]["max_steps"] == 4 and saved.training is None
+    model = saved.build().eval()
+    assert torch.equal(model.state_dict()["head.weight"], saved.state_dict["head.weight"])
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 6)
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["max_steps"] == 4
 
 

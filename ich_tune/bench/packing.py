@@ -27,7 +27,7 @@ def train_share(fraction: float, steps: int) -> dict:
 
     import torch
 
-    from ich_tune.model import ResNetClassifier2d
+    from ich_tune.models.resnet import ResNetClassifier2d
     from ich_tune.optim import make_loss
 
     torch.cuda.set_per_process_memory_fraction(fraction)

@@ -96,7 +96,7 @@ def bare_loop_rate(config, cache: Path, steps: int) -> float:
 
     from ich_tune.data.cache import open_cache
     from ich_tune.data.loader import to_float
-    from ich_tune.model import build_model
+    from ich_tune.models import build_model
     from ich_tune.optim import make_loss, make_optimizer
 
     images = open_cache(cache).images
@@ -121,7 +121,7 @@ def gpu_table() -> list[dict]:
     """Samples/s and peak memory of the halfres model at the original's two input sizes, AMP on/off."""
     import torch
 
-    from ich_tune.model import ResNetClassifier2d
+    from ich_tune.models.resnet import ResNetClassifier2d
     from ich_tune.optim import make_loss
 
     rows = []

@@ -11,7 +11,7 @@ from typing import Any
 
 from ich_tune.config.loader import load_tree, parse_yaml, set_path
 from ich_tune.config.markers import Dimension, find_dimensions, grid_points, substitute
-from ich_tune.config.schema import ExperimentConfig, Origins, SearchConfig, build, where
+from ich_tune.config.schema import ExperimentConfig, ModelConfig, Origins, SearchConfig, build, where
 from ich_tune.data.channels import CHANNELS_KEY, parse_channels
 from ich_tune.errors import ConfigError
 
@@ -33,6 +33,16 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
+def _field_type(cls: type, name: str) -> Any:
+    """The type of field `name` of `cls`; for `model`, of whichever family has that field."""
+    if cls is ModelConfig:
+        from ich_tune.models import FAMILIES
+
+        types_ = [typing.get_type_hints(family).get(name) for _, family in FAMILIES.values()]
+        return next((t for t in types_ if t is not None), None)
+    return typing.get_type_hints(cls).get(name)
+
+
 def _check_override_key(key: str, cls: type) -> None:
     """Refuse `--set a.b=..` where the schema makes `a` a single value, not a section of keys.
 
@@ -44,7 +54,7 @@ def _check_override_key(key: str, cls: type) -> None:
         if cls is SearchConfig and name == "experiment":
             cls = ExperimentConfig  # a free-form mapping to the schema, an experiment to the user
             continue
-        hint = typing.get_type_hints(cls).get(name)
+        hint = _field_type(cls, name)
         if hint is None:
             return  # an unknown key: build() names it and suggests the closest one
         if typing.get_origin(hint) in (typing.Union, types.UnionType):  # `X | None` is an X

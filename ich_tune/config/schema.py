@@ -60,15 +60,28 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: Literal["ResNetClassifier2d"] = "ResNetClassifier2d"
+    """`model:` names a family (a module of ich_tune/models/); that family's config class adds its
+    own arguments, and `build` checks the section against it."""
+
+    name: str = "ResNetClassifier2d"
     num_classes: int = bounded(6, 1)
-    hidden_dims: list[int] = field(default_factory=lambda: [128, 128, 128, 128],
-                                   metadata={"low": 1, "nonempty": True})  # widths of the stages
-    blocks_per_stage: int = bounded(1, 1)
-    pooling: Literal["max", "avg", "conv"] = "max"
-    stem_stride: int = bounded(1, 1, 8)
-    dropout: float = bounded(0.4, 0.0, 0.99)
     init_from: str | None = None  # weights file (or MLflow run) to start from
+
+    @staticmethod
+    def family(name: Any, path: str = "model", origins: Origins | None = None) -> type[ModelConfig]:
+        """The config class of model family `name`."""
+        from ich_tune.models import FAMILIES
+
+        if name not in FAMILIES:
+            close = difflib.get_close_matches(str(name), [str(k) for k in FAMILIES], n=1)
+            hint = f"Did you mean '{close[0]}'?" if close else f"Known: {', '.join(FAMILIES)}."
+            raise ConfigError(f"{where(_join(path, 'name'), origins or {})}: unknown model family "
+                              f"{_show(name)}. {hint}")
+        return FAMILIES[name][1]
+
+
+def default_model() -> ModelConfig:
+    return ModelConfig.family(ModelConfig.name)()
 
 
 @dataclass
@@ -117,7 +130,7 @@ class LoggingConfig:
 @dataclass
 class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=default_model)
     loss: LossConfig = field(default_factory=LossConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -184,6 +197,8 @@ def build(cls: type, tree: Any, origins: Origins, path: str = "") -> Any:
     if not isinstance(tree, dict):
         raise ConfigError(f"{where(path, origins)}: expected a mapping of {_keys_hint(cls)}, "
                           f"got {_show(tree)}.")
+    if cls is ModelConfig:  # the family named in the section decides which arguments it takes
+        cls = ModelConfig.family(tree.get("name", ModelConfig.name), path, origins)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     for key in tree:
