@@ -3,6 +3,8 @@
 Slices are decoded exactly as the preprocessed cache decodes them (`read_hu`, then `to_channels` at
 the experiment's size and channels) and go through the training code's own inference loop
 (`predict_batches`), so a model sees at prediction time the pixels it was trained and validated on.
+A model trained with `data.context` gets each slice with its neighbours, found as training found
+them: the folder's series are rebuilt from the DICOM headers and ordered by z.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ich_tune.config.schema import ExperimentConfig
+from ich_tune.config.schema import DataConfig, ExperimentConfig
 from ich_tune.data.cache import LABELS_CSV, open_cache
-from ich_tune.data.channels import parse_channels, to_channels
-from ich_tune.data.dicom import DicomError, image_id, read_hu
+from ich_tune.data.channels import Channel, parse_channels, to_channels
+from ich_tune.data.context import neighbour_table, stack, with_context
+from ich_tune.data.dicom import DicomError, image_id, read_header, read_hu
 from ich_tune.data.labels import CLASSES, HEADER, read_labels
 from ich_tune.data.loader import validation_batches
 from ich_tune.data.prepare import load_splits, prepare_cache
@@ -57,24 +60,18 @@ def predict_folder(model: torch.nn.Module, config: ExperimentConfig, dicom_dir: 
     """
     dicom_dir = Path(dicom_dir)
     files = find_slices(dicom_dir)
-    items, step = list(files.items()), _batch_size(batch_size, config)
-    channels, size = parse_channels(config.data.channels), config.data.size
+    step = _batch_size(batch_size, config)
     decoded: list[str] = []
     unreadable: dict[str, str] = {}
+    inputs = _with_neighbours if config.data.context else _alone
     progress = Progress(len(files), "predict")
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for start in range(0, len(items), step):
-            chunk, images = items[start:start + step], []
-            for name, path in chunk:
-                try:
-                    images.append(to_channels(read_hu(path), channels, size))
-                    decoded.append(name)
-                except DicomError as err:
-                    unreadable[name] = err.reason
-            progress.update(len(chunk))
-            if images:
-                yield torch.from_numpy(np.stack(images)), torch.zeros(len(images), 0)  # no labels here
+        stream = inputs(files, config.data, unreadable, progress)
+        while chunk := list(itertools.islice(stream, step)):
+            decoded.extend(name for name, _ in chunk)
+            images = np.stack([image for _, image in chunk])
+            yield torch.from_numpy(images), torch.zeros(len(chunk), 0)  # no labels here
 
     probs, _ = _predict(model, config, batches())
     progress.close()
@@ -84,6 +81,62 @@ def predict_folder(model: torch.nn.Module, config: ExperimentConfig, dicom_dir: 
     if unreadable:
         out[[rows[name] for name in unreadable]] = label_rates(dicom_dir, log)
     return list(files), out, unreadable
+
+
+def _alone(files: dict[str, Path], cfg: DataConfig, unreadable: dict[str, str],
+           progress: Progress) -> Iterator[tuple[str, np.ndarray]]:
+    """(id, [C, S, S]) for every decodable slice, in id order; the others go into `unreadable`."""
+    channels = parse_channels(cfg.channels)
+    for name, path in files.items():
+        image = _decode(name, path, channels, cfg.size, unreadable)
+        progress.update(1)
+        if image is not None:
+            yield name, image
+
+
+def _with_neighbours(files: dict[str, Path], cfg: DataConfig, unreadable: dict[str, str],
+                     progress: Progress) -> Iterator[tuple[str, np.ndarray]]:
+    """(id, [(2k+1) * C, S, S]) for every decodable slice, series by series.
+
+    The headers come first, to group the slices into series; then each series is decoded once and
+    its slices stacked with their neighbours by the rules training uses (context.py), so a slice
+    that does not decode is nobody's neighbour, here as in the cache.
+    """
+    channels = parse_channels(cfg.channels)
+    series: dict[str, list[tuple[str, Path, float]]] = {}
+    headers = Progress(len(files), "predict: reading series headers")
+    for name, path in files.items():
+        try:
+            header = read_header(path)
+            series.setdefault(header.series_uid, []).append((name, path, header.z))
+        except DicomError as err:
+            unreadable[name] = err.reason
+            progress.update(1)
+        headers.update(1)
+    headers.close()
+    for uid, members in series.items():
+        names, z, images = [], [], []
+        for name, path, position in members:
+            image = _decode(name, path, channels, cfg.size, unreadable)
+            if image is not None:
+                names.append(name)
+                z.append(position)
+                images.append(image)
+        progress.update(len(members))
+        if images:
+            table = neighbour_table(np.full(len(names), uid), np.array(z), np.ones(len(names), bool),
+                                    cfg.context)
+            yield from zip(names, stack(np.stack(images), table), strict=True)
+
+
+def _decode(name: str, path: Path, channels: tuple[Channel, ...], size: int,
+            unreadable: dict[str, str]) -> np.ndarray | None:
+    """The slice's channels, or None with the reason in `unreadable`."""
+    try:
+        return to_channels(read_hu(path), channels, size)
+    except DicomError as err:
+        unreadable[name] = err.reason
+        return None
 
 
 def label_rates(dicom_dir: Path, log=print) -> np.ndarray:
@@ -133,7 +186,7 @@ def evaluate_split(model: torch.nn.Module, config: ExperimentConfig, split: str 
         splits = load_splits(cache_path, config.data, log)
         cache, indices = splits.cache, splits.val
     else:
-        cache = open_cache(cache_path)
+        cache = with_context(open_cache(cache_path), config.data.context)
         indices = np.flatnonzero(cache.valid)
     progress = Progress(len(indices), f"evaluate ({split})")
     batches = validation_batches(cache, indices, _batch_size(batch_size, config))

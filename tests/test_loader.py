@@ -1,12 +1,14 @@
 """Training and validation batches from a cache built from real DICOM files.
 
 Every image a loader yields must be a cache row with that row's labels; an epoch must visit each
-training slice once; a saved sampler state must resume the very same stream.
+training slice once; a saved sampler state must resume the very same stream. With a context, each
+channel group must be the cache row of the neighbour at its offset, found here from the index alone.
 """
 
 from __future__ import annotations
 
 import io
+import math
 from itertools import islice
 
 import numpy as np
@@ -15,6 +17,7 @@ import torch
 
 from ich_tune.config.schema import DataConfig
 from ich_tune.data.cache import Cache, ensure_cache, open_cache
+from ich_tune.data.context import with_context
 from ich_tune.data.loader import TrainBatches, validation_batches
 from ich_tune.data.prepare import load_splits
 from ich_tune.data.synthetic import generate
@@ -152,3 +155,69 @@ def test_validation_batches_are_fixed_and_limited(cache, splits):
     np.testing.assert_array_equal(torch.cat([y for _, y in batches]).numpy(), cache.labels[val])
     assert same_batches(list(validation_batches(cache, val, batch_size=4)), batches)
     assert same_batches(list(validation_batches(cache, val, batch_size=4, max_batches=2)), batches[:2])
+
+
+def true_neighbours(cache: Cache, row: int, k: int) -> list[int]:
+    """Rows k below to k above `row` in its series by z, ends repeated: worked out from the index."""
+    z, series = cache.z[row], cache.series_uids[row]
+    if not cache.valid[row] or not series or math.isnan(z):
+        return [row] * (2 * k + 1)
+    ordered = sorted((float(cache.z[i]), i) for i in range(len(cache.z))
+                     if cache.valid[i] and cache.series_uids[i] == series and not math.isnan(cache.z[i]))
+    at = [i for _, i in ordered].index(row)
+    return [ordered[min(max(at + d, 0), len(ordered) - 1)][1] for d in range(-k, k + 1)]
+
+
+def test_context_validation_batches_hold_each_slice_with_its_neighbours(caches, splits):
+    cache = caches["windows"]  # 2 windows per slice
+    assert not cache.valid.all()  # a slice that did not decode, which must be nobody's neighbour
+    batches = list(validation_batches(with_context(cache, 1), splits.val, batch_size=4))
+    images = torch.cat([x for x, _ in batches]).numpy()
+    assert images.shape == (len(splits.val), 6, 32, 32) and images.dtype == np.uint8
+    np.testing.assert_array_equal(torch.cat([y for _, y in batches]).numpy(), cache.labels[splits.val])
+    moved = edges = 0
+    for image, row in zip(images, splits.val, strict=True):
+        below, itself, above = true_neighbours(cache, row, 1)
+        assert itself == row
+        np.testing.assert_array_equal(image[0:2], cache.images[below])
+        np.testing.assert_array_equal(image[2:4], cache.images[row])
+        np.testing.assert_array_equal(image[4:6], cache.images[above])
+        moved += below != row and above != row
+        edges += below == row or above == row
+    assert moved and edges  # both inner slices and series ends were checked
+
+
+def test_context_training_batches_hold_each_slice_with_its_neighbours(caches, splits):
+    cache = caches["windows"]
+    row_of = {cache.images[i].tobytes(): int(i) for i in np.flatnonzero(cache.valid)}
+    assert len(row_of) == cache.valid.sum()
+    batches = TrainBatches(with_context(cache, 2), splits.train, batch_size=5, seed=0)
+    for images, labels in islice(batches, 2 * batches.batches_per_epoch):
+        assert images.shape == (5, 10, 32, 32)
+        rows = [row_of[image[4:6].numpy().tobytes()] for image in images]  # group 2 of 5: the slice
+        np.testing.assert_array_equal(labels.numpy(), cache.labels[rows])
+        for image, row in zip(images.numpy(), rows, strict=True):
+            expected = cache.images[true_neighbours(cache, row, 2)]
+            np.testing.assert_array_equal(image.reshape(5, 2, 32, 32), expected)
+
+
+@pytest.mark.parametrize("kind", ["hu", "windows"])
+def test_context_zero_gives_the_batches_of_before(caches, splits, kind):
+    cache = caches[kind]
+    zero = with_context(cache, 0)
+    for augment in (False, True):
+        plain = list(islice(TrainBatches(cache, splits.train, batch_size=6, seed=5, augment=augment), 8))
+        assert same_batches(list(islice(TrainBatches(zero, splits.train, batch_size=6, seed=5,
+                                                     augment=augment), 8)), plain)
+    assert same_batches(list(validation_batches(zero, splits.val, batch_size=4)),
+                        list(validation_batches(cache, splits.val, batch_size=4)))
+
+
+def test_augment_moves_the_neighbours_with_their_slice(caches, splits):
+    """One transform per sample, the same for every channel group: the slice's group is exactly the
+    2D augmented slice."""
+    cache = caches["windows"]
+    plain = TrainBatches(cache, splits.train, batch_size=6, seed=4, augment=True)
+    stacked = TrainBatches(with_context(cache, 1), splits.train, batch_size=6, seed=4, augment=True)
+    for (images, labels), (wide, wide_labels) in zip(islice(plain, 4), islice(stacked, 4), strict=True):
+        assert torch.equal(wide[:, 2:4], images) and torch.equal(wide_labels, labels)

@@ -1,22 +1,34 @@
 """Prediction on real DICOM folders and evaluation on the experiment's own split, with a trained model."""
 
 import csv
+import dataclasses
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import ich_tune.predict
 from ich_tune.cli import main
+from ich_tune.config import build_experiment
+from ich_tune.config.schema import ExperimentConfig
 from ich_tune.data.cache import open_cache
-from ich_tune.data.labels import CLASSES, read_labels
+from ich_tune.data.context import with_context
+from ich_tune.data.labels import CLASSES, read_labels, write_labels
+from ich_tune.data.loader import validation_batches
 from ich_tune.data.prepare import load_splits, prepare_cache
 from ich_tune.data.synthetic import RSNA_ANY, RSNA_RATES
+from ich_tune.device import place
 from ich_tune.errors import UserError
 from ich_tune.predict import SUBMISSION_CLIP, evaluate_split, predict_folder, write_submission
+from ich_tune.train import predict_batches, train
 from ich_tune.weights import load_trained
+from tests.conftest import tiny_tree
 from tests.test_weights import save_trained
+
+pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # RSNA's ID_ UIDs
 
 
 @pytest.fixture(scope="module")
@@ -138,3 +150,60 @@ def test_cli_bad_input_exits_2_with_one_line(trained, tiny_rsna, tmp_path, capsy
     assert main([a.format(**values) for a in args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def trained_context(tiny_rsna, tmp_path_factory):
+    """A model trained for a few steps with data.context 1, on the cache `trained` uses: (outcome, config)."""
+    config = build_experiment(tiny_tree(tiny_rsna, tiny_rsna.parent / "cache-for-weights",
+                                        data={"context": 1}), {})
+    outcome = train(config, prepare_cache(config.data, log=quiet), tmp_path_factory.mktemp("context"),
+                    log=quiet)
+    return outcome, config
+
+
+def test_training_with_context_feeds_the_neighbours_as_channels(trained_context):
+    outcome, _ = trained_context
+    stem = next(m for m in outcome.model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert stem.in_channels == 9  # 3 windows x (slice below, the slice, slice above)
+    assert outcome.steps == 6 and [m["step"] for m in outcome.history] == [3, 6]
+    assert np.isfinite(outcome.metrics["val_log_loss"])
+
+
+def loader_probs(model: torch.nn.Module, config: ExperimentConfig, alone: bool = False) -> dict:
+    """Probabilities by id of every decoded slice of the config's dataset, through the training
+    loader; with `alone`, every neighbour replaced by the slice itself."""
+    cache = with_context(open_cache(prepare_cache(config.data, log=quiet)), config.data.context)
+    if alone:
+        cache.neighbours = np.repeat(np.arange(len(cache.ids))[:, None], 3, axis=1)
+    rows = np.flatnonzero(cache.valid)
+    probs, _ = predict_batches(model, validation_batches(cache, rows, 8), place(config.train))
+    return dict(zip(cache.ids[rows], probs, strict=True))
+
+
+@pytest.mark.parametrize("folder", ["stage_2_train", "stage_2_test"])
+def test_context_predictions_match_the_training_loader(trained_context, tiny_rsna, tmp_path, monkeypatch,
+                                                       folder):
+    """predict rebuilds the series of a folder from its headers; the training loader takes them from
+    the cache's index. The test folder is made a dataset of its own (labels all 0) for the loader."""
+    outcome, config = trained_context
+    model = outcome.model.eval()
+    if folder == "stage_2_test":
+        shutil.copytree(tiny_rsna / folder, tmp_path / "test" / "stage_2_train")
+        ids = sorted(p.name.removesuffix(".dcm") for p in (tmp_path / "test" / "stage_2_train").iterdir())
+        write_labels(tmp_path / "test" / "stage_2_train.csv", ids, np.zeros((len(ids), 6), np.uint8))
+        data = dataclasses.replace(config.data, root=str(tmp_path / "test"), cache_dir=str(tmp_path / "c"))
+        config = dataclasses.replace(config, data=data)
+    decoded = Counter()
+    read_hu = ich_tune.predict.read_hu
+    monkeypatch.setattr(ich_tune.predict, "read_hu", lambda path: decoded.update([path]) or read_hu(path))
+
+    ids, probs, unreadable = predict_folder(model, config, tiny_rsna / folder, batch_size=5, log=quiet)
+    assert set(decoded.values()) == {1} and len(decoded) == len(ids)  # each file decoded once
+    expected = loader_probs(model, config)
+    assert set(expected) | set(unreadable) == set(ids)
+    assert bool(unreadable) == (folder == "stage_2_train")  # the truncated slice: nobody's neighbour
+    got = np.array([probs[ids.index(i)] for i in expected])
+    np.testing.assert_allclose(got, np.array(list(expected.values())), atol=1e-6)
+    alone = np.array(list(loader_probs(model, config, alone=True).values()))
+    assert np.abs(got - alone).max() > 1e-3  # the neighbours matter: a wrong one would show
