@@ -20,16 +20,11 @@ import torch
 from torch import nn
 
 from ich_tune.config.schema import ExperimentConfig, ModelConfig
-from ich_tune.data.channels import parse_channels
+from ich_tune.data.context import input_channels
 from ich_tune.errors import UserError
 from ich_tune.models import arguments, build_model
 
 FORMAT = 1
-
-
-def input_channels(config: ExperimentConfig) -> int:
-    """How many channels the network of `config` takes."""
-    return len(parse_channels(config.data.channels))
 
 
 def model_spec(config: ExperimentConfig) -> dict:
@@ -37,7 +32,7 @@ def model_spec(config: ExperimentConfig) -> dict:
     experiment that trained it (prediction decodes new slices with its data settings)."""
     return {"model": {"name": config.model.name, **arguments(config.model)},
             "input": {"channels": config.data.channels, "size": config.data.size,
-                      "in_channels": input_channels(config)},
+                      "context": config.data.context, "in_channels": input_channels(config.data)},
             "experiment": dataclasses.asdict(config)}
 
 
@@ -46,7 +41,7 @@ class Checkpoint:
     path: Path
     state_dict: dict[str, torch.Tensor]
     model: dict | None = None  # {"name": family, **arguments}; None in a plain state dict
-    input: dict | None = None  # {"channels", "size", "in_channels"}
+    input: dict | None = None  # {"channels", "size", "context", "in_channels"}
     experiment: dict | None = None  # the experiment config as a tree
     training: dict | None = None  # optimizer, scheduler, sampler, RNG, step, history: for a resume
 

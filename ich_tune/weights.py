@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ich_tune.checkpoint import input_channels, load_checkpoint, load_state
+from ich_tune.checkpoint import load_checkpoint, load_state
 from ich_tune.config import build_experiment, load_experiment
 from ich_tune.config.loader import parse_yaml, read_text
 from ich_tune.config.schema import ExperimentConfig
 from ich_tune.data.channels import parse_channels
+from ich_tune.data.context import input_channels
 from ich_tune.errors import ConfigError, UserError
 from ich_tune.models import build_model
 from ich_tune.train import CHECKPOINT_FILE
@@ -113,7 +114,7 @@ def load_trained(spec: str, tracking_uri: str | None,
                             "--config with the experiment file it was trained with.")
         else:
             config = _build(tree, spec)
-        model = build_model(config.model, input_channels(config))
+        model = build_model(config.model, input_channels(config.data))
         load_state(model, checkpoint)
     return model.eval(), config
 

@@ -103,7 +103,8 @@ def test_train_command_prints_metrics_and_saves_weights(tiny_rsna, tmp_path):
     saved = load_checkpoint(out / "weights.pt")  # describes itself: family, arguments, input, experiment
     assert saved.model == {"name": "ResNetClassifier2d", "num_classes": 6, "hidden_dims": [8, 16],
                            "blocks_per_stage": 1, "pooling": "max", "stem_stride": 1, "dropout": 0.1}
-    assert saved.input == {"channels": ["brain", "subdural", "bone"], "size": 32, "in_channels": 3}
+    assert saved.input == {"channels": ["brain", "subdural", "bone"], "size": 32, "context": 0,
+                           "in_channels": 3}
     assert saved.experiment["train"]["max_steps"] == 4 and saved.training is None
     model = saved.build().eval()
     assert torch.equal(model.state_dict()["head.weight"], saved.state_dict["head.weight"])
