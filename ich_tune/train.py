@@ -114,113 +114,170 @@ def train(cfg: ExperimentConfig, cache_path: Path, out_dir: Path, report: Report
         raise
 
 
-def _train(cfg: ExperimentConfig, cache_path: Path, out_dir: Path, report: Report | None,
-           resume_from: Path | None, threads: int | None, log, tensorboard_dir: Path | None) -> Outcome:
+@dataclass
+class Run:
+    """What training changes step by step, and what a checkpoint must hold to continue it exactly."""
+
+    cfg: ExperimentConfig
+    splits: Splits
+    placement: Placement
+    model: torch.nn.Module
+    batches: TrainBatches
+    loss_fn: Callable
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    steps: int  # the budget
+
+    def training_state(self, step: int, history: list[dict]) -> dict:
+        return {"step": step, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "sampler": self.batches.state(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+                "history": history}
+
+    def resume(self, folder: Path, log) -> tuple[int, list[dict]]:
+        """Model, optimizer, schedule, sampler and RNG as saved in `folder`; the step and history."""
+        saved = load_checkpoint(folder / CHECKPOINT_FILE)
+        load_state(self.model, saved)
+        state = saved.training
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.batches.load_state(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+        if self.placement.device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"])
+        log(f"resumed from {folder} at step {state['step']}")
+        return state["step"], state["history"]
+
+
+def set_up(cfg: ExperimentConfig, cache_path: Path, threads: int | None, warm_start: bool, log) -> Run:
+    """Threads, seeds, device, data, the network (warm-started from model.init_from), optimizer."""
     torch.set_num_threads(cfg.train.threads or threads or os.cpu_count() or 1)
     seed_everything(cfg.seed, cfg.train.deterministic)
     placement = place(cfg.train)
     splits = load_splits(cache_path, cfg.data, log)
     model = build_model(cfg.model, in_channels=input_channels(cfg.data))
-    if cfg.model.init_from and resume_from is None:
+    if cfg.model.init_from and warm_start:
         loaded = load_weights(model, Path(cfg.model.init_from).expanduser())
         log(f"model: {loaded} tensors loaded from {cfg.model.init_from}")
     placement.model(model)
     log(f"model: {cfg.model.name}, {count_parameters(model):,} parameters, "
         f"input {tuple(splits.cache.images.shape[1:])}, device {placement.device}")
-
     batches = TrainBatches(splits.cache, splits.train, cfg.train.batch_size, seed=cfg.seed,
                            balanced=cfg.data.balanced, augment=cfg.data.augment)
     steps = total_steps(cfg, batches.batches_per_epoch)
-    loss_fn = make_loss(cfg.loss.objective)
     optimizer = make_optimizer(cfg.optimizer, model.parameters())
-    scheduler = make_scheduler(optimizer, cfg.schedule, steps)
-    scaler = torch.amp.GradScaler("cuda", enabled=placement.half == torch.float16)
-    start, history = 0, []
-    if resume_from is not None:
-        saved = load_checkpoint(resume_from / CHECKPOINT_FILE)
-        load_state(model, saved)
-        state = saved.training
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        batches.load_state(state["sampler"])
-        torch.set_rng_state(state["torch_rng"])
-        if placement.device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"])
-        start, history = state["step"], state["history"]
-        log(f"resumed from {resume_from} at step {start}")
+    return Run(cfg, splits, placement, model, batches, make_loss(cfg.loss.objective), optimizer,
+               make_scheduler(optimizer, cfg.schedule, steps),
+               torch.amp.GradScaler("cuda", enabled=placement.half == torch.float16), steps)
 
-    writer = _tensorboard(tensorboard_dir if tensorboard_dir else out_dir, cfg.logging.tensorboard)
-    val_every = cfg.train.val_interval
-    model.train()
-    window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
-    metrics = history[-1] if history else {}
-    kept_checkpoint = None
-    for step in range(start + 1, steps + 1):
-        images, labels = next(batches)
-        images = to_float(placement.images(images))
-        labels = labels.to(placement.device, non_blocking=True)
-        with placement.autocast():
-            loss = loss_fn(model(images).float(), labels)
-        if not torch.isfinite(loss):
-            raise LossNotFinite(f"step {step}: the training loss is {loss.item()}. Lower optimizer.lr "
-                                f"(now {cfg.optimizer.lr:g}), set optimizer.grad_clip, or try amp: off.",
-                                step)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.optimizer.grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        window_loss += loss.detach()  # summed on the device: no GPU sync every step
-        window_steps += 1
 
-        if step % cfg.logging.print_interval == 0 or step == steps:
-            seconds = time.perf_counter() - window_start
-            train_loss = float(window_loss) / window_steps
-            rate = window_steps * cfg.train.batch_size / seconds
-            log(f"step {step:>6}/{steps}  loss {train_loss:.4f}  lr {scheduler.get_last_lr()[0]:.2e}  "
-                f"{rate:,.0f} samples/s")
-            if writer:
-                writer.add_scalar("train/loss", train_loss, step)
-                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
-                writer.add_scalar("train/samples_per_s", rate, step)
-            window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
+def train_step(run: Run, step: int) -> torch.Tensor:
+    """One optimizer step; the loss stays on the device (no GPU sync every step)."""
+    images, labels = next(run.batches)
+    images = to_float(run.placement.images(images))
+    labels = labels.to(run.placement.device, non_blocking=True)
+    with run.placement.autocast():
+        loss = run.loss_fn(run.model(images).float(), labels)
+    if not torch.isfinite(loss):
+        raise LossNotFinite(f"step {step}: the training loss is {loss.item()}. Lower optimizer.lr "
+                            f"(now {run.cfg.optimizer.lr:g}), set optimizer.grad_clip, or try amp: off.",
+                            step)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if run.cfg.optimizer.grad_clip:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.optimizer.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    return loss.detach()
 
-        if step % val_every and step != steps:
-            continue
-        scores, probs, labels = evaluate(model, splits, cfg, placement)
-        metrics = {"step": step, "epoch": step / batches.batches_per_epoch, **scores}
-        history.append(metrics)
-        log(f"step {step:>6}/{steps}  val accuracy {metrics['val_accuracy']:.4f} "
-            f"(all-negative {metrics['val_accuracy_baseline']:.4f})  "
-            f"AUC any {metrics['val_auc_any']:.4f}  log loss {metrics['val_log_loss']:.4f}")
+
+class LossWindow:
+    """The mean training loss and the speed since the last print."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.total, self.count, self.started = 0.0, 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.total += loss  # a tensor on the device until printed
+        self.count += 1
+
+    def print(self, run: Run, step: int, writer, log) -> None:
+        loss, lr = float(self.total) / self.count, run.scheduler.get_last_lr()[0]
+        rate = self.count * run.cfg.train.batch_size / (time.perf_counter() - self.started)
+        log(f"step {step:>6}/{run.steps}  loss {loss:.4f}  lr {lr:.2e}  {rate:,.0f} samples/s")
         if writer:
-            for key, value in metrics.items():
-                if key.startswith("val_") and math.isfinite(value):
-                    writer.add_scalar(f"val/{key[4:]}", value, step)
-            writer.flush()
-        checkpoint = _save_checkpoint(out_dir, cfg, step, model, optimizer, scheduler, scaler, batches,
-                                      history)
-        np.savez(checkpoint / VALIDATION_FILE, probs=probs, labels=labels,
-                 indices=splits.val[:len(probs)])
-        if step % cfg.logging.plot_interval == 0 or step == steps:
-            png = example_grid(splits.cache.rows(splits.val), labels, probs, cfg.logging.plot_examples,
-                               cfg.logging.plot_baseline, seed=cfg.seed)
-            (checkpoint / EXAMPLES_FILE).write_bytes(png)
-            if writer:
-                writer.add_image("examples", png_to_array(png), step, dataformats="HWC")
+            writer.add_scalar("train/loss", loss, step)
+            writer.add_scalar("train/lr", lr, step)
+            writer.add_scalar("train/samples_per_s", rate, step)
+        self.reset()
+
+
+def validate(run: Run, step: int, writer, log) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Metrics over the validation split (logged, and written to TensorBoard), probabilities, labels."""
+    scores, probs, labels = evaluate(run.model, run.splits, run.cfg, run.placement)
+    metrics = {"step": step, "epoch": step / run.batches.batches_per_epoch, **scores}
+    log(f"step {step:>6}/{run.steps}  val accuracy {metrics['val_accuracy']:.4f} "
+        f"(all-negative {metrics['val_accuracy_baseline']:.4f})  "
+        f"AUC any {metrics['val_auc_any']:.4f}  log loss {metrics['val_log_loss']:.4f}")
+    if writer:
+        for key, value in metrics.items():
+            if key.startswith("val_") and math.isfinite(value):
+                writer.add_scalar(f"val/{key[4:]}", value, step)
+        writer.flush()
+    return metrics, probs, labels
+
+
+def save_step(run: Run, out_dir: Path, step: int, history: list[dict], probs: np.ndarray,
+              labels: np.ndarray, writer) -> Path:
+    """A checkpoint folder: checkpoint.pt, the validation's probabilities and, at the plot interval
+    and at the end, the example grid."""
+    folder = out_dir / f"checkpoint_{step:07d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(folder / CHECKPOINT_FILE, run.cfg, run.model, training=run.training_state(step, history))
+    np.savez(folder / VALIDATION_FILE, probs=probs, labels=labels, indices=run.splits.val[:len(probs)])
+    logging = run.cfg.logging
+    if step % logging.plot_interval == 0 or step == run.steps:
+        png = example_grid(run.splits.cache.rows(run.splits.val), labels, probs, logging.plot_examples,
+                           logging.plot_baseline, seed=run.cfg.seed)
+        (folder / EXAMPLES_FILE).write_bytes(png)
+        if writer:
+            writer.add_image("examples", png_to_array(png), step, dataformats="HWC")
+    return folder
+
+
+def _train(cfg: ExperimentConfig, cache_path: Path, out_dir: Path, report: Report | None,
+           resume_from: Path | None, threads: int | None, log, tensorboard_dir: Path | None) -> Outcome:
+    run = set_up(cfg, cache_path, threads, warm_start=resume_from is None, log=log)
+    start, history = run.resume(resume_from, log) if resume_from else (0, [])
+    writer = _tensorboard(tensorboard_dir or out_dir, cfg.logging.tensorboard)
+    run.model.train()
+    window, metrics, kept = LossWindow(), (history[-1] if history else {}), None
+    for step in range(start + 1, run.steps + 1):
+        window.add(train_step(run, step))
+        if step % cfg.logging.print_interval == 0 or step == run.steps:
+            window.print(run, step, writer, log)
+        if step % cfg.train.val_interval and step != run.steps:
+            continue
+        metrics, probs, labels = validate(run, step, writer, log)
+        history.append(metrics)
+        folder = save_step(run, out_dir, step, history, probs, labels, writer)
         if report is not None:
-            report(metrics, checkpoint)
-            _discard(checkpoint)  # the reporter has copied it to its storage
+            report(metrics, folder)
+            _discard(folder)  # the reporter has copied it to its storage
         else:
-            _discard(kept_checkpoint)  # a local run keeps only its latest checkpoint
-            kept_checkpoint = checkpoint
+            _discard(kept)  # a local run keeps only its latest checkpoint
+            kept = folder
     if writer:
         writer.close()
-    return Outcome(steps=steps, metrics=metrics, history=history, model=model)
+    return Outcome(steps=run.steps, metrics=metrics, history=history, model=run.model)
 
 
 @torch.no_grad()
@@ -245,20 +302,6 @@ def predict_batches(model: torch.nn.Module, batches, placement: Placement) -> tu
         all_labels.append(labels.numpy())
     model.train(was_training)
     return np.concatenate(all_probs), np.concatenate(all_labels)
-
-
-def _save_checkpoint(out_dir: Path, cfg: ExperimentConfig, step: int, model, optimizer, scheduler, scaler,
-                     batches: TrainBatches, history: list[dict]) -> Path:
-    """Write checkpoint.pt (the model, and all a resume needs) into a fresh folder; returns it."""
-    folder = out_dir / f"checkpoint_{step:07d}"
-    folder.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(folder / CHECKPOINT_FILE, cfg, model, training={
-        "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(), "sampler": batches.state(), "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "history": history,
-    })
-    return folder
 
 
 def _discard(folder: Path | None) -> None:
