@@ -37,11 +37,10 @@ from ich_tune.trials import (
     DIVERGED,
     ENDED_KEY,
     ERROR,
-    FINISHED,
     MESSAGE_KEY,
-    STOPPED_EARLY,
     TrialOutcome,
     best_of,
+    how_it_ended,
     one_line,
     worst,
 )
@@ -366,12 +365,7 @@ def summarize(results, search: Search, budget: int) -> list[TrialOutcome]:
         values = [row[metric] for row in validations
                   if isinstance(row.get(metric), (int, float)) and math.isfinite(row[metric])]
         steps = max((int(row["step"]) for row in rows), default=0)  # a diverged trial's last step included
-        if result.error:
-            status, message = ERROR, one_line(result.error)
-        elif isinstance(last.get(ENDED_KEY), str):
-            status, message = last[ENDED_KEY], last.get(MESSAGE_KEY, "")
-        else:
-            status, message = (STOPPED_EARLY if steps < budget else FINISHED), ""
+        status, message = how_it_ended(last, budget, result.error)
         checkpoint = result.get_best_checkpoint(metric, mode) if result.best_checkpoints else None
         outcomes.append(TrialOutcome(
             trial_id=last.get("trial_id") or Path(result.path).name, status=status, steps=steps,

@@ -26,10 +26,9 @@ from ich_tune.trials import (
     COMPLETED,
     ENDED_KEY,
     ERROR,
-    FINISHED,
     MESSAGE_KEY,
-    STOPPED_EARLY,
     TrialOutcome,
+    how_it_ended,
     one_line,
 )
 
@@ -178,9 +177,8 @@ class MlflowTrials(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self.runs[trial.trial_id]
-        ended = (trial.last_result or {}).get(ENDED_KEY)
-        if ended is None:  # a diverged trial has its tags already
-            ended = STOPPED_EARLY if self.last_step.get(trial.trial_id, -1) < self.budget else FINISHED
+        ended, _ = how_it_ended(trial.last_result or {}, self.budget)
+        if ENDED_KEY not in (trial.last_result or {}):  # a trial that gave up has its tags already
             self.client.log_batch(run_id, tags=[RunTag(TAG_ENDED, ended)])
         self.client.set_terminated(run_id, "FINISHED" if ended in COMPLETED else "FAILED")
 

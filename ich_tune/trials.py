@@ -38,6 +38,15 @@ def one_line(error: BaseException | str) -> str:
     return f"{name}: {first}" if name and not first.startswith(name) else first or name
 
 
+def how_it_ended(last_result: dict, budget: int, error: BaseException | None = None) -> tuple[str, str]:
+    """(status, message) of a trial from its last result, and Ray's error if it failed for good."""
+    if error is not None:
+        return ERROR, one_line(error)
+    if isinstance(last_result.get(ENDED_KEY), str):
+        return last_result[ENDED_KEY], last_result.get(MESSAGE_KEY, "")
+    return (STOPPED_EARLY if last_result.get("step", 0) < budget else FINISHED), ""
+
+
 @dataclass
 class TrialOutcome:
     trial_id: str
