@@ -92,17 +92,19 @@ def real_loop_rate(config, cache: Path, warmup: int) -> float:
 
 def bare_loop_rate(config, cache: Path, steps: int) -> float:
     """Steps/s of forward, backward and optimizer step on one batch already in memory."""
+    import numpy as np
     import torch
 
     from ich_tune.data.cache import open_cache
-    from ich_tune.data.loader import to_float
+    from ich_tune.data.context import input_channels, with_context
+    from ich_tune.data.loader import gather, to_float
     from ich_tune.models import build_model
     from ich_tune.optim import make_loss, make_optimizer
 
-    images = open_cache(cache).images
-    batch = torch.from_numpy(images[: config.train.batch_size].copy())
+    stacked = with_context(open_cache(cache), config.data.context)  # the batch training would see
+    batch, _ = gather(stacked, np.arange(config.train.batch_size))
     labels = torch.zeros(config.train.batch_size, config.model.num_classes)
-    model = build_model(config.model, in_channels=images.shape[1])
+    model = build_model(config.model, in_channels=input_channels(config.data))
     loss_fn = make_loss(config.loss.objective)
     optimizer = make_optimizer(config.optimizer, model.parameters())
     model.train()
