@@ -48,7 +48,7 @@ def test_sorts_by_a_chosen_metric_and_prints_the_best_config(store):
     rows = table_rows(text)
     assert [r[0] for r in rows] == ["t_00001", "t_00000", "t_00002", "t_00003"]  # no value: last
     assert rows[0] == ["t_00001", "0.01", "2", "0.2000", "finished"]
-    assert rows[2][-2:] == ["stopped", "early"] and rows[3][-2:] == ["-", "failed"]
+    assert rows[2][-2:] == ["stopped", "early"] and rows[3][-2:] == ["-", "error"]
     best = text.split("# best config (trial t_00000; best/config.yaml of run ")[1]
     assert yaml.safe_load(best.split("\n", 1)[1].split("\n\ncompare trials")[0]) == yaml.safe_load(
         store["config"])

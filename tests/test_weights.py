@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from ich_tune.config import build_experiment
 from ich_tune.data.prepare import prepare_cache
 from ich_tune.errors import UserError
-from ich_tune.tracking import TAG_PARENT, TAG_SEARCH_DIR, TAG_STOPPED_EARLY, TAG_TRIAL_ID, flatten
+from ich_tune.tracking import TAG_ENDED, TAG_PARENT, TAG_SEARCH_DIR, TAG_TRIAL_ID, flatten
 from ich_tune.train import CHECKPOINT_FILE, train
 from ich_tune.weights import load_trained, resolve_weights
 from tests.conftest import tiny_tree
@@ -61,7 +61,8 @@ def record_search(uri: str, name: str, trained_dir: Path | None, trials: list[di
     for trial in trials:
         child = client.create_run(experiment, run_name=f"run_trial_{trial['id']}", tags={
             TAG_PARENT: parent, TAG_TRIAL_ID: trial["id"],
-            TAG_STOPPED_EARLY: str(trial.get("stopped", False)).lower()}).info.run_id
+            TAG_ENDED: "stopped early" if trial.get("stopped") else "finished" if trial.get(
+                "status", "FINISHED") == "FINISHED" else "error"}).info.run_id
         for key, value in flatten(trial["params"]).items():
             client.log_param(child, key, value)
         steps = max(len(v) for v in trial["metrics"].values())
