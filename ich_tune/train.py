@@ -21,7 +21,6 @@ import torch
 
 from ich_tune.checkpoint import load_checkpoint, load_state, load_weights, save_checkpoint
 from ich_tune.config.schema import ExperimentConfig
-from ich_tune.data.channels import parse_channels
 from ich_tune.data.context import input_channels
 from ich_tune.data.loader import TrainBatches, to_float, validation_batches
 from ich_tune.data.prepare import Splits, load_splits
@@ -68,7 +67,7 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 def out_of_memory(cfg: ExperimentConfig) -> OutOfMemory:
     """The message names the sizes involved and what to lower."""
-    size, channels = cfg.data.size, len(parse_channels(cfg.data.channels))
+    size, channels = cfg.data.size, input_channels(cfg.data)
     share = cfg.train.cuda_memory_fraction
     return OutOfMemory(
         f"out of memory: batch size {cfg.train.batch_size}, input {channels}x{size}x{size}, "
@@ -164,7 +163,7 @@ def set_up(cfg: ExperimentConfig, cache_path: Path, threads: int | None, warm_st
         log(f"model: {loaded} tensors loaded from {cfg.model.init_from}")
     placement.model(model)
     log(f"model: {cfg.model.name}, {count_parameters(model):,} parameters, "
-        f"input {tuple(splits.cache.images.shape[1:])}, device {placement.device}")
+        f"input {input_channels(cfg.data)}x{cfg.data.size}x{cfg.data.size}, device {placement.device}")
     batches = TrainBatches(splits.cache, splits.train, cfg.train.batch_size, seed=cfg.seed,
                            balanced=cfg.data.balanced, augment=cfg.data.augment)
     steps = total_steps(cfg, batches.batches_per_epoch)
