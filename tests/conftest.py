@@ -97,6 +97,62 @@ def recorded_search(ray_cluster, tiny_rsna, tmp_path_factory) -> RecordedSearch:
                           f"sqlite:///{folder / 'runs' / 'mlflow.db'}")
 
 
+def shared_cache(tiny_rsna: Path) -> Path:
+    """One preprocessed cache beside the dataset for every tiny experiment, built once per session."""
+    return tiny_rsna.parent / "cache-for-weights"
+
+
+@dataclass
+class SearchHistory:
+    """Parent run ids of search 'halfres', oldest first, in one MLflow store that also holds 'space'."""
+
+    tracking_uri: str
+    older: str  # finished, with its best weights (lr 0.003)
+    newer: str  # finished, with its best weights (lr 0.01): what search:halfres must pick
+    failed: str  # its only trial diverged, so it ended FAILED without weights
+    weights_removed: str  # the latest: finished (lr 0.03), its best/weights.pt since deleted
+    recorded: str  # the parent run of recorded_search's search 'space'
+
+
+@pytest.fixture(scope="session")
+def search_history(recorded_search, tiny_rsna, tmp_path_factory) -> SearchHistory:
+    """`ich_tune run` of search 'halfres' four times (one 3-step trial each) into a copy of the
+    recorded search's MLflow database. Read it, don't write to it: tests share it."""
+    import shutil
+    from urllib.parse import urlparse
+
+    from mlflow.tracking import MlflowClient
+
+    from ich_tune.cli import main
+
+    folder = tmp_path_factory.mktemp("history")
+    (folder / "runs").mkdir()
+    shutil.copy(recorded_search.tracking_uri.removeprefix("sqlite:///"), folder / "runs" / "mlflow.db")
+    uri = f"sqlite:///{folder / 'runs' / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    parents = {}
+    for name, optimizer, expected in [("older", {"lr": 0.003}, 0), ("newer", {"lr": 0.01}, 0),
+                                      ("failed", {"name": "sgd", "lr": 1e30}, 1),
+                                      ("weights_removed", {"lr": 0.03}, 0)]:
+        (folder / name).mkdir()
+        space = write_space(folder / name, tiny_rsna, experiment={
+            "optimizer": optimizer, "data": {"cache_dir": str(shared_cache(tiny_rsna))}},
+            name="halfres", num_train_steps=3, scheduler={"name": "fifo"}, storage=str(folder / "runs"))
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            status = main(["run", str(space), "--name", name])
+        assert status == expected, out.getvalue()
+        experiment = client.get_experiment_by_name("halfres").experiment_id
+        run_dir = (folder / "runs" / "halfres" / name).resolve()
+        [parent] = client.search_runs([experiment], f"tags.`ich_tune.search_dir` = '{run_dir}'")
+        parents[name] = parent.info.run_id
+    artifacts = Path(urlparse(client.get_run(parents["weights_removed"]).info.artifact_uri).path)
+    (artifacts / "best" / "weights.pt").unlink()  # as a clean-up of old artifacts would
+    space = client.get_experiment_by_name("space").experiment_id
+    [recorded] = client.search_runs([space], "tags.`ich_tune.search_dir` LIKE '%'")
+    return SearchHistory(uri, **parents, recorded=recorded.info.run_id)
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 (tests never use fixed ports)."""
     import socket

@@ -1,6 +1,12 @@
-"""`ich_tune report` against a real MLflow SQLite store filled the way a search fills it."""
+"""`ich_tune report` on MLflow stores written by real searches through the real tracking callback.
 
-import csv
+The expected values come from Ray's own result files of the same trials, not from MLflow.
+"""
+
+import json
+import math
+import re
+import shutil
 
 import pytest
 import yaml
@@ -9,88 +15,115 @@ from mlflow.tracking import MlflowClient
 from ich_tune.cli import main
 from ich_tune.errors import UserError
 from ich_tune.report import search_report
-from tests.test_weights import record_search, save_trained
-
-TRIALS = [
-    {"id": "t_00000", "params": {"optimizer": {"lr": 0.001}, "model": {"dropout": 0.1}},
-     "metrics": {"val_accuracy": [0.70, 0.90], "val_log_loss": [0.50, 0.30]}},
-    {"id": "t_00001", "params": {"optimizer": {"lr": 0.01}, "model": {"dropout": 0.1}},
-     "metrics": {"val_accuracy": [0.80, 0.85], "val_log_loss": [0.40, 0.20]}},
-    {"id": "t_00002", "params": {"optimizer": {"lr": 0.1}, "model": {"dropout": 0.1}},
-     "metrics": {"val_accuracy": [0.60], "val_log_loss": [0.90]}, "stopped": True},
-    {"id": "t_00003", "params": {"optimizer": {"lr": 1.0}, "model": {"dropout": 0.1}},
-     "metrics": {"val_accuracy": [0.50]}, "status": "FAILED"},
-]
 
 
 @pytest.fixture(scope="module")
-def store(tiny_rsna, tmp_path_factory) -> dict:
-    """Search 'demo' recorded twice (the later run is the one reported by default), and 'other'."""
-    trained, _ = save_trained(tiny_rsna, tmp_path_factory.mktemp("trained"))
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    first = record_search(uri, "demo", trained, TRIALS[:1])
-    latest = record_search(uri, "demo", trained, TRIALS)
-    record_search(uri, "other", None, TRIALS[:1], tags={"ich_tune.metric": "val_log_loss"})
-    return {"uri": uri, "first": first, "latest": latest, "config": (trained / "config.yaml").read_text()}
+def measured(recorded_search) -> dict:
+    """Per learning rate of the recorded search: Ray's config and validation rows of that trial."""
+    trials = {}
+    for folder in recorded_search.run_dir.glob("run_trial_*"):
+        config = json.loads((folder / "params.json").read_text())
+        rows = [json.loads(line) for line in (folder / "result.json").read_text().splitlines()]
+        trials[config["optimizer"]["lr"]] = {
+            "config": config, "last": rows[-1], "validations": [r for r in rows if "ended" not in r]}
+    assert sorted(trials) == [1e-7, 0.05, 1e30]
+    return trials
 
 
-def table_rows(text: str) -> list[list[str]]:
-    """The trial rows of the table (header excluded), split on runs of spaces."""
+def best_of(rows: list[dict], metric: str, higher: bool):
+    values = [r[metric] for r in rows if isinstance(r.get(metric), float) and math.isfinite(r[metric])]
+    return (max if higher else min)(values) if values else None
+
+
+def table(text: str) -> list[dict]:
+    """The trials table of a report, one dict per row keyed by the header's columns."""
     lines = text.split("\n\n")[1].splitlines()
-    return [line.split() for line in lines[1:]]
+    header = re.split(r"\s{2,}", lines[0])
+    return [dict(zip(header, re.split(r"\s{2,}", line), strict=True)) for line in lines[1:]]
 
 
-def test_sorts_by_a_chosen_metric_and_prints_the_best_config(store):
-    text = search_report("demo", sort="val_log_loss", tracking_uri=store["uri"])
-    assert f"run {store['latest']}" in text and "sorted by best val_log_loss (lower is better)" in text
-    header = text.split("\n\n")[1].splitlines()[0].split()
-    assert header == ["trial", "optimizer.lr", "steps", "best", "val_log_loss", "ended"]  # dropout: same
-    rows = table_rows(text)
-    assert [r[0] for r in rows] == ["t_00001", "t_00000", "t_00002", "t_00003"]  # no value: last
-    assert rows[0] == ["t_00001", "0.01", "2", "0.2000", "finished"]
-    assert rows[2][-2:] == ["stopped", "early"] and rows[3][-2:] == ["-", "error"]
-    best = text.split("# best config (trial t_00000; best/config.yaml of run ")[1]
-    assert yaml.safe_load(best.split("\n", 1)[1].split("\n\ncompare trials")[0]) == yaml.safe_load(
-        store["config"])
+@pytest.mark.parametrize("metric, higher", [("val_log_loss", False), ("val_accuracy", True)])
+def test_sorts_by_a_chosen_metric_best_first(recorded_search, measured, metric, higher):
+    text = search_report("space", sort=metric, tracking_uri=recorded_search.tracking_uri)
+    assert f"sorted by best {metric} ({'higher' if higher else 'lower'} is better)" in text
+    rows = table(text)
+    assert [r["optimizer.lr"] for r in rows][-1] == "1e+30"  # diverged: nothing measured, last
+    values = {float(r["optimizer.lr"]): r[f"best {metric}"] for r in rows}
+    expected = {lr: best_of(trial["validations"], metric, higher) for lr, trial in measured.items()}
+    assert values == {lr: "-" if v is None else f"{v:.4f}" for lr, v in expected.items()}
+    shown = [float(r[f"best {metric}"]) for r in rows[:-1]]
+    assert len(set(shown)) == len(shown) and shown == sorted(shown, reverse=higher)
 
 
-def test_higher_is_better_for_accuracy(store):
-    text = search_report("demo", sort="val_accuracy", tracking_uri=store["uri"])
-    assert "(higher is better)" in text
-    assert [r[0] for r in table_rows(text)] == ["t_00000", "t_00001", "t_00002", "t_00003"]
+def test_shows_how_each_trial_ended(recorded_search, measured):
+    text = search_report("space", tracking_uri=recorded_search.tracking_uri)
+    rows = {r["optimizer.lr"]: r for r in table(text)}
+    assert rows["0.05"]["ended"] == "finished" and rows["0.05"]["steps"] == "9"
+    assert rows["1e-07"]["ended"] == "stopped early" and rows["1e-07"]["steps"] == "3"
+    diverged = measured[1e30]["last"]
+    assert rows["1e+30"]["ended"] == f"diverged: {diverged['message']}"
+    assert re.fullmatch(r"step \d+: the training loss is (nan|inf)\. Lower optimizer\.lr .*",
+                        diverged["message"])
 
 
-def test_default_metric_is_the_searchs(store, tmp_path):
-    client = MlflowClient(store["uri"])
-    trials_csv = tmp_path / "trials.csv"
-    with open(trials_csv, "w", newline="") as f:
-        csv.writer(f).writerow(["trial_id", "status", "steps", "stopped_early", "best_val_log_loss", "seed"])
-    client.log_artifact(store["latest"], str(trials_csv))
-    assert "sorted by best val_log_loss" in search_report("demo", tracking_uri=store["uri"])
-    assert "sorted by best val_log_loss" in search_report("other", tracking_uri=store["uri"])  # its tag
-    first = search_report("demo", tracking_uri=store["uri"], run_id=store["first"])  # no trials.csv
-    assert "sorted by best val_accuracy" in first and len(table_rows(first)) == 1
+def test_prints_the_best_config(recorded_search, measured):
+    text = search_report("space", tracking_uri=recorded_search.tracking_uri)
+    completed = {lr: best_of(t["validations"], "val_log_loss", False) for lr, t in measured.items() if lr < 1}
+    best_lr = min(completed, key=completed.get)
+    trial_id = measured[best_lr]["last"]["trial_id"]
+    block = text.split(f"# best config (trial {trial_id}; best/config.yaml of run ")[1]
+    config = block.split("\n", 1)[1].split("\n\ncompare trials")[0]
+    assert yaml.safe_load(config) == measured[best_lr]["config"]
+
+
+def test_default_metric_is_the_searchs(recorded_search, tmp_path):
+    assert "sorted by best val_log_loss (lower is better)" in search_report(
+        "space", tracking_uri=recorded_search.tracking_uri)  # its tag; val_accuracy otherwise
+    database = tmp_path / "mlflow.db"  # a record from before the tag: the header of its trials.csv
+    shutil.copy(recorded_search.tracking_uri.removeprefix("sqlite:///"), database)
+    client = MlflowClient(f"sqlite:///{database}")
+    [parent] = client.search_runs([client.get_experiment_by_name("space").experiment_id],
+                                  "tags.`ich_tune.search_dir` LIKE '%'")
+    for tag in ("ich_tune.metric", "ich_tune.mode"):
+        client.delete_tag(parent.info.run_id, tag)
+    assert "sorted by best val_log_loss (lower is better)" in search_report(
+        "space", tracking_uri=f"sqlite:///{database}")
+
+
+def test_reports_the_latest_run_unless_told_which(search_history):
+    latest = search_report("halfres", tracking_uri=search_history.tracking_uri)
+    assert f"run {search_history.weights_removed} (weights_removed, finished): 1 trials" in latest
+    older = search_report("halfres", tracking_uri=search_history.tracking_uri, run_id=search_history.older)
+    assert f"run {search_history.older} (older, finished)" in older
+    assert [r["ended"] for r in table(older)] == ["finished"]
+    assert f"# best config (trial {table(older)[0]['trial']}; best/config.yaml of run" in older
 
 
 @pytest.mark.parametrize("args, message", [
-    ({"name": "nope"}, r"no search named 'nope' .*\(known: demo, other\)"),
-    ({"name": "demo", "sort": "val_auc"}, "--sort val_auc: .*one of step, val_accuracy, val_log_loss"),
-    ({"name": "demo", "run_id": "0" * 32}, "no such MLflow run"),
+    ({"name": "nope"}, r"no search named 'nope' .*\(known: halfres, space\)"),
+    ({"name": "space", "sort": "val_auc"}, r"--sort val_auc: .*one of epoch, .*val_accuracy, .*val_log_loss"),
+    ({"name": "space", "run_id": "0" * 32}, "--run 0{32}: no such MLflow run"),
 ])
-def test_unknown_names_list_the_known_ones(store, args, message):
+def test_unknown_names_list_the_known_ones(search_history, args, message):
     with pytest.raises(UserError, match=message):
-        search_report(tracking_uri=store["uri"], **args)
+        search_report(tracking_uri=search_history.tracking_uri, **args)
 
 
-def test_run_of_another_search_is_refused(store):
-    with pytest.raises(UserError, match="not a search run of 'other'"):
-        search_report("other", tracking_uri=store["uri"], run_id=store["latest"])
+def test_run_of_another_search_is_refused(search_history):
+    with pytest.raises(UserError, match=f"--run {search_history.recorded}: not a search run of 'halfres'"):
+        search_report("halfres", tracking_uri=search_history.tracking_uri, run_id=search_history.recorded)
+    client = MlflowClient(search_history.tracking_uri)
+    [trial] = client.search_runs([client.get_run(search_history.older).info.experiment_id],
+                                 f"tags.`mlflow.parentRunId` = '{search_history.older}'")
+    with pytest.raises(UserError, match="not a search run of 'halfres'"):
+        search_report("halfres", tracking_uri=search_history.tracking_uri, run_id=trial.info.run_id)
 
 
-def test_cli_report_prints_and_fails_in_one_line(store, capsys):
-    assert main(["report", "demo", "--tracking-uri", store["uri"], "--sort", "val_log_loss"]) == 0
-    assert "t_00001" in capsys.readouterr().out
-    assert main(["report", "nope", "--tracking-uri", store["uri"]]) == 2
+def test_cli_report_prints_and_fails_in_one_line(recorded_search, measured, capsys):
+    uri = recorded_search.tracking_uri
+    assert main(["report", "space", "--tracking-uri", uri, "--sort", "val_log_loss"]) == 0
+    assert measured[0.05]["last"]["trial_id"] in capsys.readouterr().out
+    assert main(["report", "nope", "--tracking-uri", uri]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no search named 'nope'") and err.count("\n") == 1
 
