@@ -49,9 +49,8 @@ def _report(name: str, sort: str | None, tracking_uri: str | None, run_id: str |
         return f"search '{name}', run {parent_id} ({parent.info.status.lower()}): no trials recorded yet."
     metric = sort or _search_metric(client, parent)
     available = sorted({key for run in children for key in run.data.metrics})
-    if metric not in available:
-        what = f"--sort {metric}" if sort else f"{metric} (the search's metric)"
-        raise UserError(f"{what}: no trial of search '{name}' logged it; sort by one of "
+    if sort and metric not in available:  # the search's own metric may be missing: all diverged, say
+        raise UserError(f"--sort {metric}: no trial of search '{name}' logged it; sort by one of "
                         f"{', '.join(available)}.")
     mode = parent.data.tags.get(TAG_MODE) if metric == parent.data.tags.get(TAG_METRIC) else None
     mode = mode or mode_of(metric)

@@ -12,6 +12,7 @@ import fcntl
 import math
 import os
 import signal
+import tempfile
 import threading
 import time
 import zlib
@@ -119,9 +120,12 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
     if cfg.logging.tensorboard and checkpoint is None:  # once, not again on a restart
         searched = {path: _lookup(config, path) for path in settings.dimensions}
         write_hparams(trial_dir / "tensorboard", searched)
-    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_dir:
+    # checkpoints are staged outside the trial folder, which Ray syncs to storage as it pleases: a folder
+    # deleted after tune.report has copied it must not be half-synced
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_dir, \
+            tempfile.TemporaryDirectory(prefix="ich_tune-checkpoints-") as staging:
         try:
-            train(cfg, cache, trial_dir / "work", report=report, threads=settings.threads,
+            train(cfg, cache, Path(staging), report=report, threads=settings.threads,
                   resume_from=Path(resume_dir) if resume_dir else None,
                   tensorboard_dir=trial_dir / "tensorboard")
         except TrainingFailed as err:  # NaN loss, out of memory: a retry would fail the same way

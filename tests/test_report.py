@@ -99,6 +99,14 @@ def test_reports_the_latest_run_unless_told_which(search_history):
     assert f"# best config (trial {table(older)[0]['trial']}; best/config.yaml of run" in older
 
 
+def test_a_search_whose_every_trial_diverged_still_lists_them(search_history):
+    text = search_report("halfres", tracking_uri=search_history.tracking_uri, run_id=search_history.failed)
+    assert f"run {search_history.failed} (failed, failed): 1 trials" in text
+    [row] = table(text)
+    assert row["best val_log_loss"] == "-" and row["ended"].startswith("diverged: step ")
+    assert "no best/config.yaml" in text
+
+
 @pytest.mark.parametrize("args, message", [
     ({"name": "nope"}, r"no search named 'nope' .*\(known: halfres, space\)"),
     ({"name": "space", "sort": "val_auc"}, r"--sort val_auc: .*one of epoch, .*val_accuracy, .*val_log_loss"),
