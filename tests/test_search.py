@@ -15,32 +15,13 @@ from mlflow.tracking import MlflowClient
 from ich_tune.tracking import TAG_ENDED, TAG_RESTARTS, TAG_TRIAL_ID, child_runs
 from tests.conftest import Cli, shared_cache
 from tests.conftest import write_space as shared_write_space
+from tests.test_failures import wait_for, worker_pid
 
 
 def write_space(folder: Path, tiny_rsna: Path, experiment: dict | None = None, **settings) -> Path:
     """A search file over the tiny dataset that reuses the session's preprocessed cache."""
     experiment = {**(experiment or {}), "data": {"cache_dir": str(shared_cache(tiny_rsna))}}
     return shared_write_space(folder, tiny_rsna, experiment=experiment, **settings)
-
-
-def wait_for(condition, what: str, timeout: float = 120):
-    deadline = time.time() + timeout
-    while not (value := condition()):
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return value
-
-
-def worker_pid(trial_dir: Path) -> int | None:
-    """The live worker process of a trial, from the pid file it writes."""
-    text = (trial_dir / "worker.pid").read_text().strip() if (trial_dir / "worker.pid").is_file() else ""
-    if not text:
-        return None
-    try:
-        os.kill(int(text), 0)
-    except ProcessLookupError:
-        return None
-    return int(text)
 
 
 def results(trial_dir: Path) -> list[dict]:
