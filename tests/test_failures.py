@@ -124,8 +124,9 @@ def test_a_killed_trial_worker_resumes_from_its_checkpoint(ray_cluster, tiny_rsn
                                 if len(list(run_dir.glob("run_trial_*"))) >= 2 else None, "two trials")
     for trial in (trial_a, trial_b):
         wait_for(lambda t=trial: list(t.glob("checkpoint_*")), f"a checkpoint of {trial.name}")
-    first_a, first_b = worker_pid(trial_a), worker_pid(trial_b)
-    assert first_a and first_b
+    # worker.pid reaches the run folder with Ray's next sync of the trial folder, not with the checkpoint
+    first_a = wait_for(lambda: worker_pid(trial_a), "trial A's worker.pid")
+    first_b = wait_for(lambda: worker_pid(trial_b), "trial B's worker.pid")
     os.kill(first_a, signal.SIGKILL)
     os.kill(first_b, signal.SIGKILL)
     second_b = wait_for(lambda: worker_pid(trial_b, other_than=first_b), "trial B's restart")
