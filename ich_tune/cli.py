@@ -120,17 +120,21 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from ich_tune.config import load_search
     from ich_tune.search import RunOptions, run_search
-    from ich_tune.trials import COMPLETED, table
+    from ich_tune.storage import name_of
+    from ich_tune.tracking import ui_hint
+    from ich_tune.trials import COMPLETED, checkpoint_uri, table
 
-    search = load_search(args.file, args.overrides)
+    storage = [f"storage={json.dumps(args.storage)}"] if args.storage else []
+    search = load_search(args.file, [*args.overrides, *storage])
     options = RunOptions(data_root=args.data_root, address=args.address, resume=args.resume,
                          tracking_uri=args.tracking_uri, name=args.name, num_gpus=args.num_gpus,
-                         dashboard_port=args.dashboard_port)
+                         dashboard_port=args.dashboard_port, local_dir=args.local_dir)
     started = time.perf_counter()
     try:
         outcome = run_search(search, options)
     except Interrupted as stop:
-        print(f"\n{stop}\ncontinue it with:\n  {_resume_command(args, stop.run_dir.name)}", file=sys.stderr)
+        print(f"\n{stop}\ncontinue it with:\n  {_resume_command(args, name_of(str(stop.run_dir)))}",
+              file=sys.stderr)
         return 128 + stop.signal_number
     metric, mode = search.config.metric, search.config.mode
     print(f"\n{len(outcome.trials)} trials in {time.perf_counter() - started:.0f} s")
@@ -141,10 +145,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     best = outcome.best
     print(f"\nbest: trial {best.trial_id}, {metric} {best.best:.4f} "
           f"({', '.join(f'{k}={v}' for k, v in best.params.items())})")
-    print(f"  checkpoint: {best.checkpoint}")
+    print(f"  checkpoint: {checkpoint_uri(best.checkpoint)}")
     print(f"  MLflow parent run {outcome.parent_run_id}: artifacts best/weights.pt, best/config.yaml, "
           f"trials.csv, model (mlflow.pytorch.load_model('runs:/{outcome.parent_run_id}/model'))")
-    print(f"  compare trials: mlflow ui --backend-store-uri {outcome.tracking_uri}")
+    print(f"  compare trials: {ui_hint(outcome.tracking_uri)}")
     return 0 if any(t.status in COMPLETED for t in outcome.trials) else 1
 
 
@@ -152,7 +156,7 @@ def _resume_command(args: argparse.Namespace, run_name: str) -> str:
     """The `run` command line that continues this search: the same flags, with --name and --resume."""
     words = ["python", "-m", "ich_tune", "run", str(args.file)]
     words += [f"--set={override}" for override in args.overrides]
-    for flag in ("data_root", "address", "tracking_uri", "num_gpus"):
+    for flag in ("data_root", "storage", "local_dir", "address", "tracking_uri", "num_gpus"):
         if getattr(args, flag) is not None:
             words += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     return shlex.join([*words, "--name", run_name, "--resume"])
@@ -242,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue the latest (or --name) run")
     run.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite in the storage folder)")
     run.add_argument("--name", help="run folder under <storage>/<search>/ (default: a timestamp)")
+    run.add_argument("--storage", help="trial folders and checkpoints: a folder every node sees, or a URI "
+                     "such as s3://bucket/prefix (sets storage)")
+    run.add_argument("--local-dir", type=Path, help="this machine's own files (run lock, default MLflow "
+                     "store, init weights) when storage is a URI (default ~/.cache/ich_tune)")
     run.add_argument("--num-gpus", type=int, help="GPUs a local Ray declares (default: detected)")
     run.add_argument("--dashboard-port", type=int,
                      help="port of a local Ray's dashboard on 127.0.0.1 (default $ICH_TUNE_DASHBOARD_PORT "

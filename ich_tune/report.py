@@ -22,6 +22,7 @@ from ich_tune.tracking import (
     TAG_SEARCH_DIR,
     TAG_TRIAL_ID,
     child_runs,
+    ui_hint,
 )
 from ich_tune.trials import TrialOutcome, table
 from ich_tune.weights import CONFIG_ARTIFACT, known_searches, mlflow_client, tracking_errors
@@ -63,7 +64,7 @@ def _report(name: str, sort: str | None, tracking_uri: str | None, run_id: str |
     lines = [f"search '{name}', run {parent_id} ({parent.info.run_name}, {parent.info.status.lower()}): "
              f"{len(trials)} trials, sorted by best {metric} ({order} is better)", "",
              table(trials, metric, mode), "", _best_config(client, parent), "",
-             f"compare trials: mlflow ui --backend-store-uri {uri}"]
+             f"compare trials: {ui_hint(uri, experiment.experiment_id)}"]
     return "\n".join(lines)
 
 

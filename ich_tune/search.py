@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import math
 import os
 import signal
@@ -27,13 +28,13 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
-from ich_tune import PRIVATE_ENV
+from ich_tune import PRIVATE_ENV, storage
 from ich_tune.config import Search, build_experiment
 from ich_tune.config.markers import to_param_space
 from ich_tune.config.schema import DataConfig, SearchConfig
 from ich_tune.data.prepare import prepare_cache
 from ich_tune.errors import Interrupted, UserError
-from ich_tune.train import CHECKPOINT_FILE, TrainingFailed, train, write_hparams
+from ich_tune.train import TrainingFailed, train, write_hparams
 from ich_tune.trials import (
     DIVERGED,
     ENDED_KEY,
@@ -48,6 +49,7 @@ from ich_tune.trials import (
 
 DASHBOARD_PORT = int(os.environ.get("ICH_TUNE_DASHBOARD_PORT", 8265))
 PID_FILE = "worker.pid"  # in each trial's folder: the process that trains it, on its node
+NODE_KEY = "node_id"  # in each trial result: the Ray node that trained it
 
 
 @dataclass
@@ -59,6 +61,7 @@ class RunOptions:
     name: str | None = None  # the run folder under <storage>/<search name>/; default a timestamp
     num_gpus: int | None = None  # logical GPUs declared when starting a local Ray
     dashboard_port: int | None = None  # default DASHBOARD_PORT
+    local_dir: Path | None = None  # the driver's own files when storage is a URI; default ~/.cache/ich_tune
 
 
 @dataclass
@@ -112,9 +115,11 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
     prepared = cfg.data == settings.data and (settings.cache_path / "manifest.json").is_file()
     cache = settings.cache_path if prepared else prepare_cache(cfg.data)  # another node builds its own
 
+    node_id = ray.get_runtime_context().get_node_id()  # which machine trained it, in every result
+
     def report(metrics: dict, folder: Path | None) -> None:
         checkpoint = tune.Checkpoint.from_directory(str(folder)) if folder else None
-        tune.report({**metrics, "seed": cfg.seed}, checkpoint=checkpoint)
+        tune.report({**metrics, "seed": cfg.seed, NODE_KEY: node_id}, checkpoint=checkpoint)
 
     checkpoint = tune.get_checkpoint()
     if cfg.logging.tensorboard and checkpoint is None:  # once, not again on a restart
@@ -131,7 +136,7 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
         except TrainingFailed as err:  # NaN loss, out of memory: a retry would fail the same way
             print(f"trial ended ({err.status}): {err}")
             tune.report({"step": err.step or 0, settings.metric: worst(settings.mode), ENDED_KEY: err.status,
-                         MESSAGE_KEY: one_line(str(err)), "seed": cfg.seed})
+                         MESSAGE_KEY: one_line(str(err)), "seed": cfg.seed, NODE_KEY: node_id})
 
 
 def make_scheduler(config: SearchConfig, budget: int):
@@ -197,11 +202,19 @@ def start_ray(options: RunOptions, log=print) -> None:
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
+def run_lock(run_dir: str | Path, lock_dir: Path | None = None) -> Iterator[None]:
     """Held while a driver writes `run_dir`: a second `run` of the same folder (a --resume, or the same
-    --name) is refused instead of corrupting the first. The kernel drops it when the driver dies."""
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(run_dir.parent / f".{run_dir.name}.lock", "a+") as lock:
+    --name) is refused instead of corrupting the first. The kernel drops it when the driver dies.
+
+    The lock file sits beside a local run folder; for a URI, in `lock_dir` on this machine (a bucket
+    has no locks), so it guards against a second driver here only."""
+    run_dir = str(run_dir)
+    if storage.is_uri(run_dir):
+        lock_file = lock_dir / f"{hashlib.sha1(run_dir.encode()).hexdigest()[:16]}.lock"
+    else:
+        lock_file = Path(run_dir).parent / f".{Path(run_dir).name}.lock"
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -246,22 +259,23 @@ class GracefulStop:
             signal.signal(number, handler)
 
 
-def resolve_run_dir(search: Search, options: RunOptions) -> Path:
-    search_dir = (Path(search.config.storage) / search.name).resolve()
+def resolve_run_dir(search: Search, options: RunOptions) -> str:
+    """The run folder, a path or a URI: --name, the latest resumable run for --resume, or a new one."""
+    search_dir = storage.join(storage.normalize(search.config.storage), search.name)
     if options.name:
-        return search_dir / options.name
+        return storage.join(search_dir, options.name)
     if options.resume:
-        candidates = sorted(p for p in search_dir.glob("*") if tune.Tuner.can_restore(str(p)))
+        candidates = [run for run in storage.children(search_dir) if tune.Tuner.can_restore(run)]
         if not candidates:
             raise UserError(f"--resume: no search to resume under {search_dir}/; start one without "
                             "--resume, or give --name of an existing run.")
         return candidates[-1]
-    return search_dir / time.strftime("%Y%m%d-%H%M%S")
+    return storage.join(search_dir, time.strftime("%Y%m%d-%H%M%S"))
 
 
 @dataclass
 class SearchOutcome:
-    run_dir: Path
+    run_dir: Path | str  # a local folder, or a URI
     parent_run_id: str
     tracking_uri: str
     trials: list[TrialOutcome]
@@ -271,24 +285,29 @@ class SearchOutcome:
 def run_search(search: Search, options: RunOptions, log=print) -> SearchOutcome:
     """Run (or --resume) a search while holding its run folder's lock."""
     run_dir = resolve_run_dir(search, options)
-    with run_lock(run_dir):
-        if options.resume and not tune.Tuner.can_restore(str(run_dir)):
+    root = storage.normalize(search.config.storage)
+    local = storage.local_root(root, options.local_dir)
+    if storage.is_uri(root):
+        log(f"storage {root}; this machine's own files (run lock, default MLflow store, init weights) "
+            f"in {local}")
+    with run_lock(run_dir, local / "locks"):
+        if options.resume and not tune.Tuner.can_restore(run_dir):
             raise UserError(f"--resume: {run_dir} holds no search state to resume.")
-        if not options.resume and run_dir.exists():
+        if not options.resume and storage.exists(run_dir):
             raise UserError(f"{run_dir} exists already: add --resume to continue it, or pick another --name.")
-        return _run(search, options, run_dir, log)
+        storage.check_writable(storage.join(root, search.name))
+        return _run(search, options, run_dir, local, log)
 
 
-def _run(search: Search, options: RunOptions, run_dir: Path, log) -> SearchOutcome:
+def _run(search: Search, options: RunOptions, run_dir: str, local: Path, log) -> SearchOutcome:
     from mlflow.tracking import MlflowClient
 
     from ich_tune import tracking
 
     config = search.config
-    storage = Path(config.storage).resolve()
-    uri = options.tracking_uri or config.tracking_uri or tracking.default_tracking_uri(storage)
+    uri = options.tracking_uri or config.tracking_uri or tracking.default_tracking_uri(local)
     experiment = resolve_init_from(absolute_paths(search.experiment, options.data_root), uri,
-                                   storage / "init_weights" / search.name)
+                                   local / "init_weights" / search.name)
     first = search.trial_experiment(search.first_values, experiment)
     budget = first.train.max_steps  # ASHA's max_t; load_search made sure there is one
     cache = prepare_cache(first.data, log)  # once, before any trial starts
@@ -300,18 +319,19 @@ def _run(search: Search, options: RunOptions, run_dir: Path, log) -> SearchOutco
             "ignored)")
         resources["gpu"] = 0
 
-    storage.mkdir(parents=True, exist_ok=True)
+    local.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(uri)
-    exp_id = tracking.experiment_id(client, search.name, storage / "mlartifacts")
-    parent_id = tracking.parent_run(client, exp_id, run_dir, run_dir.name, {
+    exp_id = tracking.experiment_id(client, search.name,
+                                    None if tracking.is_server(uri) else local / "mlartifacts")
+    parent_id = tracking.parent_run(client, exp_id, run_dir, storage.name_of(run_dir), {
         "ich_tune.search_file": str(search.path), "ich_tune.search": search.name,
         tracking.TAG_METRIC: config.metric, tracking.TAG_MODE: config.mode})
     if not options.resume:
         resolved = {**dataclasses.asdict(config), "experiment": experiment}
         client.log_text(parent_id, yaml.safe_dump(resolved, sort_keys=False), "search/resolved.yaml")
         client.log_artifact(parent_id, str(search.path), "search")
-    log(f"MLflow: parent run {parent_id} in experiment '{search.name}'; compare trials with\n"
-        f"  mlflow ui --backend-store-uri {uri}")
+    log(f"MLflow: parent run {parent_id} in experiment '{search.name}'; compare trials: "
+        f"{tracking.ui_hint(uri, exp_id)}")
     log(f"TensorBoard: tensorboard --logdir {run_dir}")
 
     settings = TrialSettings(data=first.data, cache_path=cache, randomize_seed=config.randomize_seed,
@@ -321,7 +341,7 @@ def _run(search: Search, options: RunOptions, run_dir: Path, log) -> SearchOutco
     trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings), resources)
     if options.resume:
         log(f"resuming {run_dir}")
-        tuner = tune.Tuner.restore(str(run_dir), trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(run_dir, trainable, resume_errored=True)
     else:
         callback = tracking.MlflowTrials(uri, exp_id, parent_id, budget, [d.path for d in search.dimensions])
         tuner = tune.Tuner(
@@ -332,7 +352,7 @@ def _run(search: Search, options: RunOptions, run_dir: Path, log) -> SearchOutco
                 scheduler=make_scheduler(config, budget), search_alg=make_search_alg(config, budget),
                 max_concurrent_trials=config.max_concurrent_trials),
             run_config=tune.RunConfig(
-                name=run_dir.name, storage_path=str(run_dir.parent), callbacks=[callback],
+                name=storage.name_of(run_dir), storage_path=storage.parent(run_dir), callbacks=[callback],
                 verbose=1,  # status tables and trial starts and ends; per-result tables drown the logs
                 checkpoint_config=tune.CheckpointConfig(
                     num_to_keep=config.keep_checkpoints, checkpoint_score_attribute=config.metric,
@@ -350,15 +370,19 @@ def _run(search: Search, options: RunOptions, run_dir: Path, log) -> SearchOutco
     if stop.signal is not None:
         tracking.end_unfinished(client, parent_id, "KILLED")
         raise Interrupted(f"search stopped by {signal.Signals(stop.signal).name}; its state is saved in "
-                          f"{run_dir}", stop.signal, run_dir)
+                          f"{run_dir}", stop.signal, storage.as_path(run_dir))
     trials = summarize(results, search, budget)
     best = best_of(trials, config.mode)
-    tracking.log_search_result(client, uri, parent_id, trials, best, cache, config.metric)
-    return SearchOutcome(run_dir, parent_id, uri, trials, best)
+    # a checkpoint may sit in a bucket: Ray fetches it into a local folder (or hands over its own)
+    with best.checkpoint.as_directory() if best else contextlib.nullcontext() as folder:
+        tracking.log_search_result(client, uri, parent_id, trials, best, Path(folder) if folder else None,
+                                   cache, config.metric)
+    return SearchOutcome(storage.as_path(run_dir), parent_id, uri, trials, best)
 
 
 def summarize(results, search: Search, budget: int) -> list[TrialOutcome]:
-    """How each trial ended, its steps, its best metric, and its best checkpoint."""
+    """How each trial ended, its steps, its best metric, and its best checkpoint (Ray's handle: it may
+    live in a bucket)."""
     metric, mode = search.config.metric, search.config.mode
     outcomes = []
     for result in results:
@@ -376,7 +400,7 @@ def summarize(results, search: Search, budget: int) -> list[TrialOutcome]:
             best=float((max if mode == "max" else min)(values)) if values else float("nan"),
             params={d.path: _lookup(result.config or {}, d.path) for d in search.dimensions},
             message=message, seed=last.get("seed"), config=result.config, history=validations,
-            checkpoint=Path(checkpoint.path) / CHECKPOINT_FILE if checkpoint else None))
+            checkpoint=checkpoint))
     return outcomes
 
 

@@ -21,13 +21,14 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from ich_tune.train import EXAMPLES_FILE, VALIDATION_FILE
+from ich_tune.train import CHECKPOINT_FILE, EXAMPLES_FILE, VALIDATION_FILE
 from ich_tune.trials import (
     COMPLETED,
     ENDED_KEY,
     ERROR,
     MESSAGE_KEY,
     TrialOutcome,
+    checkpoint_uri,
     how_it_ended,
     one_line,
 )
@@ -44,16 +45,33 @@ TAG_EXPERIMENT_KIND, TRAINING_KIND = "mlflow.experimentKind", "custom_model_deve
 TAG_DESCRIPTION = "mlflow.note.content"  # what MLflow's UI shows as a run's description
 
 
-def default_tracking_uri(storage: Path) -> str:
-    return f"sqlite:///{(storage / 'mlflow.db').resolve()}"
+def default_tracking_uri(folder: Path) -> str:
+    """SQLite in the driver's local folder: the embedded store for one machine."""
+    return f"sqlite:///{(folder / 'mlflow.db').resolve()}"
 
 
-def experiment_id(client: MlflowClient, name: str, artifact_root: Path) -> str:
-    """The MLflow experiment of a search name; created with artifacts beside the database, and marked
-    as model training so that MLflow 3's UI opens it on its runs (not on the GenAI overview)."""
+def is_server(tracking_uri: str) -> bool:
+    """An `mlflow server` (http or https): it stores the artifacts, and any machine that reaches it
+    can fetch them."""
+    return tracking_uri.startswith(("http://", "https://"))
+
+
+def ui_hint(tracking_uri: str, experiment: str | None = None) -> str:
+    """How to look at the runs: the server's page, or `mlflow ui` over a local store."""
+    if is_server(tracking_uri):
+        page = f"/#/experiments/{experiment}" if experiment else ""
+        return f"open {tracking_uri.rstrip('/')}{page}"
+    return f"mlflow ui --backend-store-uri {tracking_uri}"
+
+
+def experiment_id(client: MlflowClient, name: str, artifact_root: Path | None) -> str:
+    """The MLflow experiment of a search name, marked as model training so that MLflow 3's UI opens it
+    on its runs (not on the GenAI overview). Its artifacts go under `artifact_root` on this machine, or,
+    with None, where the tracking server keeps them (`mlflow-artifacts:/...`)."""
     found = client.get_experiment_by_name(name)
     if found is None:
-        return client.create_experiment(name, artifact_location=(artifact_root / name).resolve().as_uri(),
+        location = (artifact_root / name).resolve().as_uri() if artifact_root is not None else None
+        return client.create_experiment(name, artifact_location=location,
                                         tags={TAG_EXPERIMENT_KIND: TRAINING_KIND})
     if TAG_EXPERIMENT_KIND not in found.tags:
         client.set_experiment_tag(found.experiment_id, TAG_EXPERIMENT_KIND, TRAINING_KIND)
@@ -237,9 +255,10 @@ def describe(trials: list[TrialOutcome], best: TrialOutcome | None, metric: str)
 
 
 def log_search_result(client: MlflowClient, tracking_uri: str, parent_run_id: str,
-                      trials: list[TrialOutcome], best: TrialOutcome | None, cache_path: Path,
-                      metric: str) -> None:
-    """The parent run's end: trials table, best config, its weights, model, plots and metrics."""
+                      trials: list[TrialOutcome], best: TrialOutcome | None, best_dir: Path | None,
+                      cache_path: Path, metric: str) -> None:
+    """The parent run's end: trials table, best config, its weights, model, plots and metrics.
+    `best_dir` is the best trial's checkpoint as a local folder."""
     import mlflow
     import mlflow.pytorch
     import yaml
@@ -256,12 +275,12 @@ def log_search_result(client: MlflowClient, tracking_uri: str, parent_run_id: st
         if best is None:
             client.set_terminated(parent_run_id, RunStatus.to_string(RunStatus.FAILED))
             return
-        saved = load_checkpoint(best.checkpoint)
+        saved = load_checkpoint(best_dir / CHECKPOINT_FILE)  # best's checkpoint, a local folder
         model, state = saved.build(), saved.training
         config = build_experiment(best.config, {})
         save_checkpoint(folder / "weights.pt", config, model)
         (folder / "config.yaml").write_text(yaml.safe_dump(best.config, sort_keys=False))
-        write_plots(best.checkpoint.parent, best.history, cache_path, config, folder)
+        write_plots(best_dir, best.history, cache_path, config, folder)
         for name in ("weights.pt", "config.yaml", "examples.png", "roc.png", "curves.png"):
             client.log_artifact(parent_run_id, str(folder / name), "best")
         params = [Param(k, str(v)[:6000]) for k, v in flatten(best.config).items()]
@@ -269,7 +288,7 @@ def log_search_result(client: MlflowClient, tracking_uri: str, parent_run_id: st
         now = int(time.time() * 1000)
         client.log_batch(parent_run_id, params=params[:100], tags=[
             RunTag("ich_tune.best_trial", best.trial_id), RunTag("ich_tune.best_checkpoint",
-                                                                 str(best.checkpoint))],
+                                                                 checkpoint_uri(best.checkpoint))],
             metrics=[Metric(k, v, now, int(state["step"])) for k, v in metrics.items()])
         for start in range(100, len(params), 100):
             client.log_batch(parent_run_id, params=params[start:start + 100])

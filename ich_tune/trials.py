@@ -10,13 +10,16 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ray.tune import Checkpoint
 
 FINISHED, STOPPED_EARLY, DIVERGED, ERROR = "finished", "stopped early", "diverged", "error"
 COMPLETED = (FINISHED, STOPPED_EARLY)  # trials whose checkpoints are models worth keeping
 ENDED_KEY = "ended"  # in a trial's last result: DIVERGED or ERROR when the trial ended itself
 MESSAGE_KEY = "message"  # ... with the reason, one line
+URI_SCHEMES = {"gcs": "gs"}  # pyarrow's filesystem names whose URI scheme differs
 
 
 def worst(mode: str) -> float:
@@ -58,7 +61,15 @@ class TrialOutcome:
     seed: int | None = None
     config: dict | None = None
     history: list[dict] = field(default_factory=list)
-    checkpoint: Path | None = None  # the best checkpoint file, where Ray kept one
+    checkpoint: Checkpoint | None = None  # the best checkpoint, where Ray kept one (maybe in a bucket)
+
+
+def checkpoint_uri(checkpoint: Checkpoint) -> str:
+    """Where a Ray checkpoint lives: its folder, or `s3://bucket/...` (`gs://`, ...) for a bucket."""
+    kind = checkpoint.filesystem.type_name
+    if kind == "local":
+        return checkpoint.path
+    return f"{URI_SCHEMES.get(kind, kind)}://{checkpoint.path}"
 
 
 def ranked(outcomes: list[TrialOutcome], mode: str) -> list[TrialOutcome]:

@@ -166,14 +166,14 @@ def _from_run(run_id: str, tracking_uri: str | None, dest: Path) -> tuple[Path, 
     """best/weights.pt and best/config.yaml of a search's parent run."""
     from mlflow.exceptions import MlflowException
 
-    from ich_tune.tracking import TAG_PARENT
+    from ich_tune.tracking import TAG_PARENT, ui_hint
 
     client, uri = mlflow_client(tracking_uri)
     try:
         run = client.get_run(run_id)
     except MlflowException:
-        raise UserError(f"MLflow run {run_id} not found in {uri}; check the id (`mlflow ui "
-                        f"--backend-store-uri {uri}` lists runs) or pass --tracking-uri.") from None
+        raise UserError(f"MLflow run {run_id} not found in {uri}; check the id (`{ui_hint(uri)}` lists "
+                        "runs) or pass --tracking-uri.") from None
     files = {Path(f.path).name for f in client.list_artifacts(run_id, "best")}
     if WEIGHTS_FILE not in files:
         parent = run.data.tags.get(TAG_PARENT)
