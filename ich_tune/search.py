@@ -1,7 +1,7 @@
 """Builds and runs the Tuner: fractional GPUs, ASHA on training steps, grid or Optuna, resume.
 
-The trial function is the plain training loop with Ray Tune's `report` plugged in. The driver
-prepares the data once before any trial starts, and alone talks to MLflow.
+The trial function is the plain training loop with Ray Tune's `report` plugged in. Every node
+prepares the data before its first trial (nodes.py); the driver alone talks to MLflow.
 """
 
 from __future__ import annotations
@@ -28,12 +28,14 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
-from ich_tune import PRIVATE_ENV, storage
+from ich_tune import storage
+from ich_tune.cluster import start_ray
 from ich_tune.config import Search, build_experiment
 from ich_tune.config.markers import to_param_space
-from ich_tune.config.schema import DataConfig, SearchConfig
+from ich_tune.config.schema import SearchConfig
 from ich_tune.data.prepare import prepare_cache
 from ich_tune.errors import Interrupted, UserError
+from ich_tune.nodes import DataOnNodes, data_variants
 from ich_tune.train import TrainingFailed, train, write_hparams
 from ich_tune.trials import (
     DIVERGED,
@@ -47,7 +49,6 @@ from ich_tune.trials import (
     worst,
 )
 
-DASHBOARD_PORT = int(os.environ.get("ICH_TUNE_DASHBOARD_PORT", 8265))
 PID_FILE = "worker.pid"  # in each trial's folder: the process that trains it, on its node
 NODE_KEY = "node_id"  # in each trial result: the Ray node that trained it
 
@@ -60,7 +61,7 @@ class RunOptions:
     tracking_uri: str | None = None
     name: str | None = None  # the run folder under <storage>/<search name>/; default a timestamp
     num_gpus: int | None = None  # logical GPUs declared when starting a local Ray
-    dashboard_port: int | None = None  # default DASHBOARD_PORT
+    dashboard_port: int | None = None  # default cluster.DASHBOARD_PORT
     local_dir: Path | None = None  # the driver's own files when storage is a URI; default ~/.cache/ich_tune
 
 
@@ -68,8 +69,7 @@ class RunOptions:
 class TrialSettings:
     """What every trial needs besides its config; shipped once through Ray's object store."""
 
-    data: DataConfig  # the data the driver prepared
-    cache_path: Path
+    data: DataOnNodes  # each node's caches, prepared before its first trial
     randomize_seed: bool
     threads: int
     gpu_fraction: float
@@ -112,8 +112,7 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
         cfg.seed = zlib.crc32(context.get_trial_id().encode())
     if torch.cuda.is_available() and 0 < settings.gpu_fraction < 1:
         cfg.train.cuda_memory_fraction = cfg.train.cuda_memory_fraction or settings.gpu_fraction
-    prepared = cfg.data == settings.data and (settings.cache_path / "manifest.json").is_file()
-    cache = settings.cache_path if prepared else prepare_cache(cfg.data)  # another node builds its own
+    cache = settings.data.cache_for(cfg.data)  # waits for this node's preparation; never builds
 
     node_id = ray.get_runtime_context().get_node_id()  # which machine trained it, in every result
 
@@ -176,29 +175,6 @@ def resolve_init_from(tree: dict, tracking_uri: str, dest: Path) -> dict:
         return tree
     path, _ = resolve_weights(spec, tracking_uri, dest)
     return {**tree, "model": {**tree["model"], "init_from": str(path.resolve())}}
-
-
-def start_ray(options: RunOptions, log=print) -> None:
-    """Join --address, or start a local Ray with its dashboard on 127.0.0.1, and say how to open it.
-
-    Workers get the driver's telemetry settings (off unless the user turned them on), also on a
-    cluster whose nodes were started without them.
-    """
-    if ray.is_initialized():
-        return
-    kwargs = {"address": options.address} if options.address else {
-        "include_dashboard": True, "dashboard_host": "127.0.0.1",
-        "dashboard_port": options.dashboard_port or DASHBOARD_PORT, "num_gpus": options.num_gpus}
-    env = {name: os.environ[name] for name in PRIVATE_ENV if name in os.environ}
-    context = ray.init(**kwargs, log_to_driver=True, runtime_env={"env_vars": env})
-    url = context.dashboard_url
-    if url:
-        token = Path.home() / ".ray" / "auth_token"
-        how = (f"it asks for a token: paste the contents of {token} (`cat {token}`); for the REST API "
-               f"send `Authorization: Bearer $(cat {token})`"
-               if os.environ.get("RAY_AUTH_MODE") != "disabled" and token.exists()
-               else "no token needed (RAY_AUTH_MODE=disabled)")
-        log(f"Ray dashboard: http://{url} ({how})")
 
 
 @contextlib.contextmanager
@@ -310,7 +286,8 @@ def _run(search: Search, options: RunOptions, run_dir: str, local: Path, log) ->
                                    local / "init_weights" / search.name)
     first = search.trial_experiment(search.first_values, experiment)
     budget = first.train.max_steps  # ASHA's max_t; load_search made sure there is one
-    cache = prepare_cache(first.data, log)  # once, before any trial starts
+    cache = prepare_cache(first.data, log)  # the driver's own, for the best trial's plots
+    variants = data_variants(search, experiment)  # each node's, once Ray is up
 
     start_ray(options, log)
     resources = {"cpu": config.resources.cpu, "gpu": config.resources.gpu}
@@ -318,6 +295,8 @@ def _run(search: Search, options: RunOptions, run_dir: str, local: Path, log) ->
         log(f"warning: no GPU in this Ray cluster; trials run on CPU (resources.gpu {resources['gpu']:g} "
             "ignored)")
         resources["gpu"] = 0
+    data = DataOnNodes(variants)
+    data.prepare(resources, log)  # on every node that can run a trial, before any starts
 
     local.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(uri)
@@ -334,7 +313,7 @@ def _run(search: Search, options: RunOptions, run_dir: str, local: Path, log) ->
         f"{tracking.ui_hint(uri, exp_id)}")
     log(f"TensorBoard: tensorboard --logdir {run_dir}")
 
-    settings = TrialSettings(data=first.data, cache_path=cache, randomize_seed=config.randomize_seed,
+    settings = TrialSettings(data=data, randomize_seed=config.randomize_seed,
                              threads=max(1, int(config.resources.cpu)), gpu_fraction=resources["gpu"],
                              metric=config.metric, mode=config.mode,
                              dimensions=[d.path for d in search.dimensions])

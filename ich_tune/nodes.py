@@ -1,0 +1,143 @@
+"""The preprocessed data on every node that runs trials, prepared there before its first trial.
+
+Building a cache takes a node's every core for minutes (hours for the whole RSNA set), so it never
+happens inside a trial, which holds only its own share of the node. One coordinator, an actor on
+the driver's node, prepares each node once with a task pinned to it (NodeAffinitySchedulingStrategy)
+that uses that node's cores: every alive node that can hold a trial before the search starts, and a
+node that joins later as soon as its first trial asks. A trial waits for its node's preparation and
+then only opens the cache; where preparing failed, or the cache has gone since, it fails with one
+line saying so.
+
+Why trials ask rather than a callback that watches for new nodes: Tune keeps placement groups
+pending for waiting trials, and Ray places one on a new node the moment that node registers, before
+any driver-side callback runs, so only the trial knows for sure that it landed on an unprepared
+node. (A custom resource that only prepared nodes offer would keep trials away, but Ray cannot add
+one to a running node.)
+
+With a `data.cache_dir` shared by the nodes, each finds the cache built, or waits on the build's
+file lock (data/cache.py), and builds nothing itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from ich_tune.config import Search
+from ich_tune.config.markers import LISTS
+from ich_tune.config.schema import DataConfig, where
+from ich_tune.data.cache import cache_params
+from ich_tune.data.prepare import prepare_cache
+from ich_tune.errors import ConfigError, UserError
+
+
+def cache_identity(data: DataConfig) -> str:
+    """What picks a cache: its parameters, where caches live, and how synthetic data are written."""
+    synthetic = dataclasses.asdict(data.synthetic) if data.synthetic else None
+    return json.dumps([cache_params(data, Path(data.root or ".")), data.cache_dir, synthetic], sort_keys=True)
+
+
+def data_variants(search: Search, experiment: dict) -> list[DataConfig]:
+    """The data settings of the search's trials that need caches of their own: every combination of
+    the listed values of its searched `data` keys. A key that changes the cache cannot be sampled from
+    a range: every node prepares its caches before the trials draw their values."""
+    first = search.first_values
+
+    def data_of(values: dict) -> DataConfig:
+        return search.trial_experiment(first | values, experiment).data
+
+    dims = [d for d in search.dimensions if d.path == "data" or d.path.startswith("data.")]
+    for d in dims:
+        if d.kind not in LISTS and len({cache_identity(data_of({d.path: v})) for v in d.candidates()}) > 1:
+            raise ConfigError(f"{where(d.path, search.origins)}: {d.describe()} changes the preprocessed "
+                              "cache, which every node prepares before the trials start; list the values "
+                              "instead (choice: [...] or grid_search: [...]).")
+    listed = [d for d in dims if d.kind in LISTS]
+    variants: dict[str, DataConfig] = {}
+    for values in itertools.product(*(d.args for d in listed)):
+        data = data_of({d.path: v for d, v in zip(listed, values, strict=True)})
+        variants.setdefault(cache_identity(data), data)
+    return list(variants.values())
+
+
+@dataclass
+class NodeCaches:
+    """One node's caches, by cache_identity, or why they could not be prepared there."""
+
+    node: str  # for messages: its address and the start of its id
+    paths: dict[str, str]
+    error: str | None = None
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _prepare_here(variants: list[DataConfig], cpus: int) -> list[tuple[str, str]]:
+    """Every cache on the node this task is pinned to, one after another, each with that node's cores
+    (Ray's count, which a container's limit sets, unlike os.cpu_count) unless data.workers says.
+
+    It asks Ray for no CPU: on a node that joined late, waiting trials already hold them all."""
+    built = [prepare_cache(dataclasses.replace(data, workers=data.workers or cpus)) for data in variants]
+    return [(cache_identity(data), str(path)) for data, path in zip(variants, built, strict=True)]
+
+
+@ray.remote(num_cpus=0)
+class _Preparer:
+    """Starts each node's preparation once, and answers everyone who waits for it."""
+
+    def __init__(self, variants: list[DataConfig]) -> None:
+        self.variants = variants
+        self.runs: dict[str, ray.ObjectRef] = {}
+
+    async def ready(self, node_id: str) -> NodeCaches:
+        node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
+        name = f"{node['NodeManagerAddress']} ({node_id[:8]})"
+        if node_id not in self.runs:
+            there = NodeAffinitySchedulingStrategy(node_id, soft=False)
+            cpus = max(1, int(node["Resources"].get("CPU", 1)))
+            self.runs[node_id] = _prepare_here.options(scheduling_strategy=there).remote(self.variants, cpus)
+        try:
+            return NodeCaches(name, dict(await self.runs[node_id]))
+        except ray.exceptions.RayError as err:  # the task's own error, or its node or worker died
+            cause = getattr(err, "cause", None) or err
+            return NodeCaches(name, {}, str(cause).strip().splitlines()[0])
+
+
+class DataOnNodes:
+    """The handle trials get (through tune.with_parameters) to the coordinator of every node's caches."""
+
+    def __init__(self, variants: list[DataConfig]) -> None:
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.preparer = _Preparer.options(scheduling_strategy=here).remote(variants)
+        self.count = len(variants)
+
+    def prepare(self, resources: dict[str, float], log=print) -> None:
+        """Before the search: every alive node with room for one trial of `resources` ({cpu, gpu})."""
+        nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]
+                 and n["Resources"].get("CPU", 0) >= resources["cpu"]
+                 and n["Resources"].get("GPU", 0) >= resources["gpu"]]
+        log(f"data: preparing {self.count} cache{'s' if self.count > 1 else ''} on each of {len(nodes)} "
+            "node(s) that can run trials")
+        for caches in ray.get([self.preparer.ready.remote(node) for node in nodes]):
+            if caches.error:
+                raise UserError(f"data on node {caches.node}: {caches.error}")
+            log(f"data: node {caches.node} ready: {', '.join(sorted(set(caches.paths.values())))}")
+
+    def cache_for(self, data: DataConfig) -> Path:
+        """In a trial: this node's cache for `data`, once the node is prepared. Never builds one."""
+        caches = ray.get(self.preparer.ready.remote(ray.get_runtime_context().get_node_id()))
+        missing = f"no preprocessed data on node {caches.node}"
+        if caches.error:
+            raise RuntimeError(f"{missing}: preparing it failed: {caches.error}")
+        path = caches.paths.get(cache_identity(data))
+        if path is None:
+            raise RuntimeError(f"{missing} for this trial's data settings: they were not among those "
+                               "prepared before the search started")
+        if not (Path(path) / "manifest.json").is_file():
+            raise RuntimeError(f"{missing}: {path} was removed after the node was prepared; trials never "
+                               "preprocess, so resume the search (--resume) to prepare it again")
+        return Path(path)
