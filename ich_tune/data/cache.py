@@ -7,7 +7,9 @@ maps it read-only: the trials of a node share one copy in the page cache.
 Layout of `<cache_dir>/<key>/`: images.npy [N, C, S, S] (uint8 windows or float16 HU),
 index.npz (ids, labels, patient/study/series, z, valid), manifest.json. The key hashes the data
 root, a fingerprint of its files and every preprocessing parameter, so a change builds a new cache
-and never reads a stale one. A build writes into a temporary folder renamed into place at the end,
+and never reads a stale one. That fingerprint stats every file, so it is remembered in
+`<cache_dir>/<hash>.source` under the folder's own fingerprint (two stats) and computed again only
+when that changes or on `--rescan`. A build writes into a temporary folder renamed into place at the end,
 under a file lock, so an interrupted build never looks complete and two builds do not collide.
 Its size is known before decoding, so a disk without room for it is refused before anything is
 written: the array is mapped sparse, and a full disk would otherwise kill a worker with SIGBUS
@@ -42,6 +44,7 @@ TRAIN_DIR = "stage_2_train"
 LABELS_CSV = "stage_2_train.csv"
 DISK_MARGIN = 64 * 2**20  # left free after a build: the disk is shared with logs and checkpoints
 INDEX_BYTES_PER_IMAGE = 1024  # index.npz: id, labels, valid, z and three UIDs of up to 64 characters
+RACY_NS = 2 * 10**9  # a folder changed this recently may change again within its mtime's resolution
 
 
 @dataclass
@@ -106,7 +109,8 @@ def cache_params(cfg: DataConfig, root: Path) -> dict:
 
 
 def source_fingerprint(root: Path, files: dict[str, Path]) -> dict:
-    """Sizes and modification times of the labels and the DICOM files, hashed: cheap to recompute."""
+    """Sizes and modification times of the labels and the DICOM files, hashed: the full check, which
+    stats every file (seconds at RSNA's 752,807 files); `folder_fingerprint` is what runs each time."""
     digest = hashlib.sha256()
     total = 0
     for name in sorted(files):
@@ -118,25 +122,91 @@ def source_fingerprint(root: Path, files: dict[str, Path]) -> dict:
             "csv_mtime_ns": csv.st_mtime_ns, "sha256": digest.hexdigest()}
 
 
-def ensure_cache(cfg: DataConfig, root: Path, log=print) -> Path:
-    """The cache folder for these data and parameters, built first if it does not exist yet."""
-    files = find_dicom_files(root)
-    if not (root / LABELS_CSV).is_file():
-        raise DataError(f"{root / LABELS_CSV}: no such file; data.root must hold the Kaggle labels CSV.")
+def folder_fingerprint(root: Path) -> dict:
+    """Two stats, whatever the number of files: the DICOM folder (its mtime changes when a file is
+    added, removed or renamed in it) and the labels CSV.
+
+    It cannot see a file rewritten or touched in place, nor a change after which a tool set the
+    folder's mtime back to its old value; `--rescan` runs the full check for those.
+    """
+    folder, csv = root / TRAIN_DIR, root / LABELS_CSV
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder. data.root must hold the Kaggle layout "
+                        f"({TRAIN_DIR}/ID_<hex>.dcm and {LABELS_CSV}).")
+    if not csv.is_file():
+        raise DataError(f"{csv}: no such file; data.root must hold the Kaggle labels CSV.")
+    folder_stat, csv_stat = folder.stat(), csv.stat()
+    return {"folder": [folder_stat.st_ino, folder_stat.st_mtime_ns],
+            "csv": [csv_stat.st_ino, csv_stat.st_size, csv_stat.st_mtime_ns]}
+
+
+def ensure_cache(cfg: DataConfig, root: Path, log=print, rescan: bool = False) -> Path:
+    """The cache folder for these data and parameters, built first if it does not exist yet.
+
+    The key covers every file's size and mtime, and computing that stats every file: seconds at
+    RSNA's scale, on every start. So the result is remembered beside the caches under the folder
+    fingerprint, which costs two stats, and reused while that is unchanged; `rescan` runs the full
+    check regardless (for files rewritten in place) and remembers its result.
+    """
     params = cache_params(cfg, root)
-    fingerprint = source_fingerprint(root, files)
-    key = hashlib.sha256(json.dumps([params, fingerprint], sort_keys=True).encode()).hexdigest()[:16]
     cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    checked_at = time.time_ns()
+    folder = folder_fingerprint(root)
+    remembered = cache_dir / f"{_digest([str(root.resolve()), folder])}.source"
+    fingerprint = None if rescan else _read_json(remembered)
+    if fingerprint is not None:
+        known = cache_dir / _digest([params, fingerprint])
+        if (known / "manifest.json").is_file():
+            return _checked(known, cfg, root)
+    files = find_dicom_files(root)
+    fingerprint = source_fingerprint(root, files)
+    key = _digest([params, fingerprint])
     final = cache_dir / key
-    if (final / "manifest.json").is_file():
-        return _checked(final, cfg, root)
+    if not (final / "manifest.json").is_file():
+        _build_once(cfg, root, files, params, fingerprint, cache_dir, key, log)
+    _checked(final, cfg, root)
+    if folder_fingerprint(root) == folder and not _racy(folder, checked_at):
+        _replace_text(remembered, json.dumps(fingerprint))
+    return final
+
+
+def _digest(value: object) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def _racy(folder: dict, checked_at: int) -> bool:
+    """Whether a change could have kept the fingerprint taken at `checked_at`: file systems store times
+    coarsely, so a file added in the same tick as the last change leaves the folder's mtime as it was.
+    Not remembered then; the next start runs the full check again."""
+    newest = max(folder["folder"][-1], folder["csv"][-1])
+    return checked_at - newest < RACY_NS
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write all or nothing: a reader never sees half a file."""
+    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def _build_once(cfg: DataConfig, root: Path, files: dict[str, Path], params: dict, fingerprint: dict,
+                cache_dir: Path, key: str, log) -> None:
+    """Build the cache of `key` unless another process does or did; see the module's docstring."""
+    final = cache_dir / key
     plan = _plan(cfg, root, files)
     free = _check_room(cache_dir, key, plan.disk_bytes)  # before anything is created
     cache_dir.mkdir(parents=True, exist_ok=True)
     with open(cache_dir / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second builder waits here, then finds it complete
         if (final / "manifest.json").is_file():
-            return _checked(final, cfg, root)
+            return
         for stale in cache_dir.glob(f"{key}.partial-*"):  # left by a build that was killed
             shutil.rmtree(stale, ignore_errors=True)
         partial = cache_dir / f"{key}.partial-{os.getpid()}"
@@ -146,7 +216,6 @@ def ensure_cache(cfg: DataConfig, root: Path, log=print) -> Path:
             os.rename(partial, final)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
-    return final
 
 
 def _checked(folder: Path, cfg: DataConfig, root: Path) -> Path:
