@@ -59,6 +59,12 @@ def cmd_show_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_rescan(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rescan", action="store_true",
+                        help="stat every data file instead of trusting an unchanged folder and labels CSV "
+                             "(finds files rewritten in place)")
+
+
 def _experiment(args: argparse.Namespace):
     """The experiment file with --set and --data-root applied."""
     from ich_tune.config import load_experiment
@@ -84,7 +90,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         config.model.init_from = str(resolve_weights(config.model.init_from, None, out / "init")[0])
     (out / "config.yaml").write_text(_yaml(dataclasses.asdict(config)))
     started = time.perf_counter()
-    cache = prepare_cache(config.data)
+    cache = prepare_cache(config.data, rescan=args.rescan)
     outcome = train(config, cache, out)
     save_checkpoint(out / "weights.pt", config, outcome.model)
     print(f"\nvalidation after {outcome.steps} steps ({time.perf_counter() - started:.0f} s in all):")
@@ -99,7 +105,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     from ich_tune.data.prepare import prepare_cache
 
     config, _ = _experiment(args)
-    path = prepare_cache(config.data)
+    path = prepare_cache(config.data, rescan=args.rescan)
     cache = open_cache(path)
     manifest = cache.manifest
     print(f"cache: {path}\n{manifest['decoded']} of {manifest['images']} slices decoded, "
@@ -130,6 +136,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                          tracking_uri=args.tracking_uri, name=args.name, num_gpus=args.num_gpus,
                          dashboard_port=args.dashboard_port, local_dir=args.local_dir)
     started = time.perf_counter()
+    if args.rescan:  # the full check, remembered: the search's own look-up then finds its result
+        _rescan(search, args.data_root)
     try:
         outcome = run_search(search, options)
     except Interrupted as stop:
@@ -152,6 +160,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if any(t.status in COMPLETED for t in outcome.trials) else 1
 
 
+def _rescan(search, data_root: Path | None) -> None:
+    """Check every file of the first trial's data (what the search prepares before its trials)."""
+    from ich_tune.data.prepare import prepare_cache
+    from ich_tune.search import absolute_paths
+
+    first = search.trial_experiment(search.first_values, absolute_paths(search.experiment, data_root))
+    prepare_cache(first.data, rescan=True)
+
+
 def _resume_command(args: argparse.Namespace, run_name: str) -> str:
     """The `run` command line that continues this search: the same flags, with --name and --resume."""
     words = ["python", "-m", "ich_tune", "run", str(args.file)]
@@ -163,24 +180,19 @@ def _resume_command(args: argparse.Namespace, run_name: str) -> str:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from ich_tune.predict import predict_folder, write_submission
+    from ich_tune.predict import predict_dicom, save_predictions
     from ich_tune.weights import load_trained
 
     if args.out.is_dir():  # found now, not after the whole folder has been predicted
         raise UserError(f"--out {args.out}: a folder; give the submission file to write, e.g. "
                         f"{args.out / 'submission.csv'}")
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers {args.workers}: must be at least 1.")
     model, config = load_trained(args.model, args.tracking_uri, args.config)
     started = time.perf_counter()
-    ids, probs, unreadable = predict_folder(model, config, args.dicom_dir, args.batch_size)
-    write_submission(args.out, ids, probs)
-    print(f"{len(ids)} images in {time.perf_counter() - started:.0f} s -> {args.out} "
-          f"({len(ids) * probs.shape[1]} rows)")
-    if unreadable:
-        print(f"{len(unreadable)} unreadable, predicted at the training label rates:")
-        for name, reason in list(unreadable.items())[:20]:
-            print(f"  {name}: {reason}")
-        if len(unreadable) > 20:
-            print(f"  ... and {len(unreadable) - 20} more")
+    prediction = predict_dicom(model, config, args.dicom_dir, args.batch_size, args.workers)
+    print(f"predicted in {time.perf_counter() - started:.0f} s")
+    save_predictions(prediction, args.out, args.format)
     return 0
 
 
@@ -232,11 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(train, "experiment")
     train.add_argument("--data-root", type=Path, help="RSNA-layout folder (sets data.root)")
     train.add_argument("--out", type=Path, help="output folder (default runs/train/NAME-TIME)")
+    _add_rescan(train)
     train.set_defaults(func=cmd_train)
 
     pre = verbs.add_parser("preprocess", help="build the preprocessed cache of an experiment's data")
     _add_config_args(pre, "experiment")
     pre.add_argument("--data-root", type=Path, help="RSNA-layout folder (sets data.root)")
+    _add_rescan(pre)
     pre.set_defaults(func=cmd_preprocess)
 
     run = verbs.add_parser("run", help="run a hyperparameter search with Ray Tune")
@@ -244,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-root", type=Path, help="RSNA-layout folder (sets data.root)")
     run.add_argument("--address", help="join this Ray cluster instead of starting one (e.g. auto)")
     run.add_argument("--resume", action="store_true", help="continue the latest (or --name) run")
+    _add_rescan(run)
     run.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite in the storage folder)")
     run.add_argument("--name", help="run folder under <storage>/<search>/ (default: a timestamp)")
     run.add_argument("--storage", help="trial folders and checkpoints: a folder every node sees, or a URI "
@@ -256,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "or 8265)")
     run.set_defaults(func=cmd_run)
 
-    predict = verbs.add_parser("predict", help="write a Kaggle submission for a folder of DICOM slices")
+    predict = verbs.add_parser("predict", help="score every CT slice of a DICOM folder")
     evaluate = verbs.add_parser("evaluate", help="the metric table of a trained model on labelled slices")
     for sub in (predict, evaluate):
         sub.add_argument("--model", required=True, metavar="MODEL",
@@ -264,8 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--config", type=Path, help="experiment file of the model (default: its own)")
         sub.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///runs/mlflow.db)")
         sub.add_argument("--batch-size", type=int, help="slices per batch (default: the training batch)")
-    predict.add_argument("--dicom-dir", type=Path, required=True, help="folder of ID_*.dcm (stage_2_test)")
-    predict.add_argument("--out", type=Path, required=True, help="submission CSV to write")
+    predict.add_argument("--dicom-dir", type=Path, required=True,
+                         help="folder of DICOM files, any names, nested study/series folders too")
+    predict.add_argument("--out", type=Path, required=True, help="CSV to write")
+    predict.add_argument("--format", choices=("kaggle", "wide"),
+                         help="kaggle: ID,Label submission (default for a folder of ID_*.dcm); wide: a row "
+                              "per image with its UIDs, plus OUT-stem.studies.csv (default otherwise)")
+    predict.add_argument("--workers", type=int, help="processes reading DICOM (default: all cores)")
     predict.set_defaults(func=cmd_predict)
     evaluate.add_argument("--data-root", type=Path, help="RSNA-layout folder (sets data.root)")
     evaluate.add_argument("--split", choices=("val", "all"), default="val",

@@ -1,17 +1,25 @@
-"""A trained model on new slices: a Kaggle submission for a DICOM folder, or metrics on labelled data.
+"""A trained model on new slices: any folder of DICOM files scored, or metrics on labelled data.
 
 Slices are decoded exactly as the preprocessed cache decodes them (`read_hu`, then `to_channels` at
 the experiment's size and channels) and go through the training code's own inference loop
 (`predict_batches`), so a model sees at prediction time the pixels it was trained and validated on.
 A model trained with `data.context` gets each slice with its neighbours, found as training found
 them: the folder's series are rebuilt from the DICOM headers and ordered by z.
+
+A folder is written out in one of two forms: Kaggle's submission (six `ID_<hex>_<subtype>` rows
+per image), or a wide table of one row per image with its UIDs and place in its series, beside a
+summary of one row per study, which is what a reader of a hospital export wants first.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import itertools
 import os
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +27,8 @@ import torch
 
 from ich_tune.config.schema import DataConfig, ExperimentConfig
 from ich_tune.data.cache import LABELS_CSV, open_cache
-from ich_tune.data.channels import Channel, parse_channels, to_channels
 from ich_tune.data.context import neighbour_table, stack, with_context
-from ich_tune.data.dicom import DicomError, image_id, read_header, read_hu
+from ich_tune.data.folder import Folder, FolderImage, Runner, decode, readers, scan
 from ich_tune.data.labels import CLASSES, HEADER, read_labels
 from ich_tune.data.loader import validation_batches
 from ich_tune.data.prepare import load_splits, prepare_cache
@@ -34,118 +41,111 @@ from ich_tune.train import predict_batches
 
 SUBMISSION_CLIP = 1e-6  # competition practice: a confident mistake must not cost an infinite log loss
 SPLITS = ("val", "all")
+FORMATS = ("kaggle", "wide")
+IMAGE_COLUMNS = ("file", "image_id", "patient_id", "study_uid", "series_uid", "instance_uid",
+                 "instance_number", "z", "slice")
+STUDY_COLUMNS = ("study_uid", "patient_id", "images", "unreadable", "max_any", "max_any_image",
+                 "max_any_file")
+SHOWN = 10  # studies and unusable files printed; the files written hold them all
 
 
-def find_slices(dicom_dir: Path) -> dict[str, Path]:
-    """image id -> file for every ID_*.dcm and ID_*.dcm.gz in the folder, sorted by id."""
-    if not dicom_dir.is_dir():
-        raise DataError(f"{dicom_dir}: no such folder; --dicom-dir must be a folder of ID_<hex>.dcm files "
-                        "(Kaggle's stage_2_test/).")
-    files = {image_id(p): p for p in dicom_dir.iterdir()
-             if p.name.startswith("ID_") and p.name.endswith((".dcm", ".dcm.gz"))}
-    if not files:
-        raise DataError(f"{dicom_dir}: no ID_*.dcm or ID_*.dcm.gz files there; point --dicom-dir at "
-                        "Kaggle's stage_2_test/ (or another folder of RSNA-named slices).")
-    return dict(sorted(files.items()))
+@dataclass
+class FolderPrediction:
+    """A scored folder: the images that decoded, in series order, and their probabilities."""
+
+    folder: Folder
+    images: list[FolderImage]
+    probs: np.ndarray  # [len(images), 6], CLASSES order
+    unreadable: dict[str, str]  # file -> reason: images whose header or pixels could not be used
+
+
+def predict_dicom(model: torch.nn.Module, config: ExperimentConfig, dicom_dir: Path,
+                  batch_size: int | None = None, workers: int | None = None) -> FolderPrediction:
+    """Probabilities for every CT slice under `dicom_dir`, at any depth and under any name.
+
+    Headers and pixels are read by `workers` processes (default: one per core); batches go to the
+    model as they are decoded. `batch_size` defaults to the training batch size, which is known to
+    fit in memory.
+    """
+    step = _batch_size(batch_size, config)
+    with readers(workers) as run:
+        folder = scan(Path(dicom_dir), run)
+        unreadable = dict(folder.unreadable)
+        todo = [image for image in folder.images if image.file not in unreadable]
+        progress = Progress(len(todo), "predict")
+        decoded: list[FolderImage] = []
+
+        def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            stream = _inputs(todo, config.data, run, unreadable, progress)
+            while chunk := list(itertools.islice(stream, step)):
+                decoded.extend(image for image, _ in chunk)
+                images = np.stack([array for _, array in chunk])
+                yield torch.from_numpy(images), torch.zeros(len(chunk), 0)  # no labels here
+
+        probs, _ = _predict(model, config, batches())
+        progress.close()
+    return FolderPrediction(folder, decoded, probs, unreadable)
+
+
+def _inputs(images: list[FolderImage], cfg: DataConfig, run: Runner, unreadable: dict[str, str],
+            progress: Progress) -> Iterator[tuple[FolderImage, np.ndarray]]:
+    """(image, [(2k+1) * C, S, S]) for every image that decodes, series after series.
+
+    Each series is decoded once and its slices stacked with their neighbours by the rules training
+    uses (context.py), so a slice that does not decode is nobody's neighbour, here as in the cache.
+    """
+    k = cfg.context
+    for key, members in itertools.groupby(decode(images, cfg.channels, cfg.size, run),
+                                          key=lambda pair: pair[0].series_key):
+        good = []
+        for image, result in members:
+            progress.update(1)
+            if isinstance(result, str):
+                unreadable[image.file] = result
+            else:
+                good.append((image, result))
+        if good and k:
+            table = neighbour_table(np.full(len(good), key), np.array([i.z for i, _ in good]),
+                                    np.ones(len(good), bool), k)
+            good = zip([i for i, _ in good], stack(np.stack([a for _, a in good]), table), strict=True)
+        yield from good
 
 
 def predict_folder(model: torch.nn.Module, config: ExperimentConfig, dicom_dir: Path,
-                   batch_size: int | None = None, log=print
+                   batch_size: int | None = None, log=print, workers: int | None = None
                    ) -> tuple[list[str], np.ndarray, dict[str, str]]:
-    """Probabilities [N, 6] (CLASSES order) for every slice in the folder, ids sorted.
+    """The Kaggle view of `predict_dicom`: ids sorted, probabilities [N, 6], and unreadable id -> reason."""
+    return kaggle_rows(predict_dicom(model, config, dicom_dir, batch_size, workers), log)
 
-    An unreadable file is returned in `unreadable` (id -> reason) and predicted at the training
-    label rates, so that a submission still covers every image. `batch_size` defaults to the
-    training batch size, which is known to fit in memory.
-    """
-    dicom_dir = Path(dicom_dir)
-    files = find_slices(dicom_dir)
-    step = _batch_size(batch_size, config)
-    decoded: list[str] = []
-    unreadable: dict[str, str] = {}
-    inputs = _with_neighbours if config.data.context else _alone
-    progress = Progress(len(files), "predict")
 
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        stream = inputs(files, config.data, unreadable, progress)
-        while chunk := list(itertools.islice(stream, step)):
-            decoded.extend(name for name, _ in chunk)
-            images = np.stack([image for _, image in chunk])
-            yield torch.from_numpy(images), torch.zeros(len(chunk), 0)  # no labels here
-
-    probs, _ = _predict(model, config, batches())
-    progress.close()
-    rows = {name: k for k, name in enumerate(files)}
-    out = np.empty((len(files), len(CLASSES)), np.float64)
-    out[[rows[name] for name in decoded]] = probs
+def kaggle_rows(prediction: FolderPrediction, log=print) -> tuple[list[str], np.ndarray, dict[str, str]]:
+    """Every image's id (sorted) and probabilities; an unreadable image is predicted at the training
+    label rates, so that a submission still covers every image. Files that are not DICOM are no
+    images and have no rows."""
+    folder = prediction.folder
+    named = {image.file: image.image_id for image in folder.images}
+    ids = [image.image_id for image in folder.images]
+    first, count = Counter(ids).most_common(1)[0]
+    if count > 1:
+        files = [image.file for image in folder.images if image.image_id == first]
+        raise UserError(f"{folder.root}: {len(files)} files hold image {first} ({', '.join(files[:3])}); "
+                        "a Kaggle submission needs one file per image id. Use --format wide.")
+    rows = {name: k for k, name in enumerate(sorted(ids))}
+    probs = np.empty((len(ids), len(CLASSES)), np.float64)
+    probs[[rows[image.image_id] for image in prediction.images]] = prediction.probs
+    unreadable = {named[file]: reason for file, reason in prediction.unreadable.items()}
     if unreadable:
-        out[[rows[name] for name in unreadable]] = label_rates(dicom_dir, log)
-    return list(files), out, unreadable
-
-
-def _alone(files: dict[str, Path], cfg: DataConfig, unreadable: dict[str, str],
-           progress: Progress) -> Iterator[tuple[str, np.ndarray]]:
-    """(id, [C, S, S]) for every decodable slice, in id order; the others go into `unreadable`."""
-    channels = parse_channels(cfg.channels)
-    for name, path in files.items():
-        image = _decode(name, path, channels, cfg.size, unreadable)
-        progress.update(1)
-        if image is not None:
-            yield name, image
-
-
-def _with_neighbours(files: dict[str, Path], cfg: DataConfig, unreadable: dict[str, str],
-                     progress: Progress) -> Iterator[tuple[str, np.ndarray]]:
-    """(id, [(2k+1) * C, S, S]) for every decodable slice, series by series.
-
-    The headers come first, to group the slices into series; then each series is decoded once and
-    its slices stacked with their neighbours by the rules training uses (context.py), so a slice
-    that does not decode is nobody's neighbour, here as in the cache.
-    """
-    channels = parse_channels(cfg.channels)
-    series: dict[str, list[tuple[str, Path, float]]] = {}
-    headers = Progress(len(files), "predict: reading series headers")
-    for name, path in files.items():
-        try:
-            header = read_header(path)
-            series.setdefault(header.series_uid, []).append((name, path, header.z))
-        except DicomError as err:
-            unreadable[name] = err.reason
-            progress.update(1)
-        headers.update(1)
-    headers.close()
-    for uid, members in series.items():
-        names, z, images = [], [], []
-        for name, path, position in members:
-            image = _decode(name, path, channels, cfg.size, unreadable)
-            if image is not None:
-                names.append(name)
-                z.append(position)
-                images.append(image)
-        progress.update(len(members))
-        if images:
-            table = neighbour_table(np.full(len(names), uid), np.array(z), np.ones(len(names), bool),
-                                    cfg.context)
-            yield from zip(names, stack(np.stack(images), table), strict=True)
-
-
-def _decode(name: str, path: Path, channels: tuple[Channel, ...], size: int,
-            unreadable: dict[str, str]) -> np.ndarray | None:
-    """The slice's channels, or None with the reason in `unreadable`."""
-    try:
-        return to_channels(read_hu(path), channels, size)
-    except DicomError as err:
-        unreadable[name] = err.reason
-        return None
+        probs[[rows[name] for name in unreadable]] = label_rates(folder.root, log)
+    return list(rows), probs, unreadable
 
 
 def label_rates(dicom_dir: Path, log=print) -> np.ndarray:
     """Per-class positive rates: of the dataset's labels CSV beside the folder, else RSNA's."""
-    csv = dicom_dir.parent / LABELS_CSV
-    if csv.is_file():
+    labels = dicom_dir.parent / LABELS_CSV
+    if labels.is_file():
         try:
-            rates = read_labels(csv).y.mean(axis=0)
-            log(f"predict: unreadable slices get the label rates of {csv}")
+            rates = read_labels(labels).y.mean(axis=0)
+            log(f"predict: unreadable slices get the label rates of {labels}")
             return rates
         except DataError as err:
             log(f"predict: {err}")
@@ -163,16 +163,122 @@ def write_submission(path: Path, ids: list[str], probs: np.ndarray) -> None:
     lines = [HEADER]
     for k in sorted(range(len(ids)), key=ids.__getitem__):
         lines.extend(f"{ids[k]}_{name},{p:.6g}" for name, p in zip(CLASSES, probs[k], strict=True))
+    _write(path, "\n".join(lines) + "\n", "the submission")
+
+
+def write_wide(path: Path, prediction: FolderPrediction) -> None:
+    """One row per scored image: file, ids, UIDs, z, its 1-based slice number in its series (by z,
+    then instance number), and the six probabilities unclipped."""
+    slices = Counter()
+    rows = []
+    for image, probs in zip(prediction.images, prediction.probs, strict=True):
+        slices[image.series_key] += 1
+        rows.append([image.file, image.image_id, image.patient_id, image.study_uid, image.series_uid,
+                     image.instance_uid, _blank(image.instance_number), _blank(image.z),
+                     slices[image.series_key], *(f"{p:.6g}" for p in probs)])
+    _write(path, _csv([*IMAGE_COLUMNS, *CLASSES], rows), "the predictions")
+
+
+def study_rows(prediction: FolderPrediction) -> list[dict]:
+    """One row per study, the most likely bleed first: images scored and unreadable, the highest
+    probability of `any` and the image that has it."""
+    found = {image.file: image for image in prediction.folder.images}
+    unreadable = Counter(found[file].study_uid for file in prediction.unreadable)
+    members = defaultdict(list)
+    for k, image in enumerate(prediction.images):
+        members[image.study_uid].append(k)
+    rows = []
+    for study in sorted(set(members) | set(unreadable)):
+        row = {"study_uid": study, "patient_id": "", "images": len(members[study]),
+               "unreadable": unreadable[study], "max_any": None, "max_any_image": "", "max_any_file": ""}
+        if members[study]:
+            best = max(members[study], key=lambda k: prediction.probs[k, -1])
+            image = prediction.images[best]
+            row.update(patient_id=image.patient_id, max_any=float(prediction.probs[best, -1]),
+                       max_any_image=image.image_id, max_any_file=image.file)
+        rows.append(row)
+    return sorted(rows, key=lambda row: -1.0 if row["max_any"] is None else -row["max_any"])
+
+
+def save_predictions(prediction: FolderPrediction, out: Path, form: str | None = None, log=print) -> str:
+    """Write `out` as Kaggle's submission or the wide table, the form defaulting to Kaggle's for a
+    folder of ID_<hex>.dcm files; the wide table gets `<out stem>.studies.csv` and
+    `<out stem>.skipped.csv` beside it. Lists what could not be used; returns the form written."""
+    out = Path(out)
+    folder = prediction.folder
+    form = form or ("kaggle" if folder.rsna_named else "wide")
+    if form == "kaggle":
+        ids, probs, _ = kaggle_rows(prediction, log)
+        write_submission(out, ids, probs)
+        log(f"{len(ids)} images -> {out} ({probs.size} rows)")
+    else:
+        studies = study_rows(prediction)
+        write_wide(out, prediction)
+        _write(sibling(out, "studies"), _csv(STUDY_COLUMNS, [[_blank(row[c]) for c in STUDY_COLUMNS]
+                                                             for row in studies]), "the study summary")
+        unused = {**prediction.unreadable, **folder.skipped}
+        _write(sibling(out, "skipped"), _csv(("file", "reason"), sorted(unused.items())), "the skipped files")
+        log(f"{len(prediction.images)} images of {len(studies)} studies -> {out}; per study: "
+            f"{sibling(out, 'studies')}")
+        _show_studies(studies, log)
+    _show_files(prediction.unreadable, "unreadable" + (", predicted at the training label rates"
+                                                       if form == "kaggle" else ""), log)
+    _show_files(folder.skipped, "skipped, not DICOM", log)
+    return form
+
+
+def sibling(out: Path, part: str) -> Path:
+    """`runs/scores.csv` -> `runs/scores.<part>.csv`: a file written beside the predictions."""
+    return out.with_name(f"{out.stem}.{part}{out.suffix or '.csv'}")
+
+
+def _show_studies(studies: list[dict], log) -> None:
+    log(f"  {'max any':>8}  {'images':>6}  study (image with the max)")
+    for row in studies[:SHOWN]:
+        score = "-" if row["max_any"] is None else f"{row['max_any']:.3f}"
+        log(f"  {score:>8}  {row['images']:>6}  {row['study_uid'] or '(no StudyInstanceUID)'} "
+            f"({row['max_any_file'] or 'none decoded'})")
+    if len(studies) > SHOWN:
+        log(f"  ... and {len(studies) - SHOWN} more studies")
+
+
+def _show_files(reasons: dict[str, str], what: str, log) -> None:
+    if not reasons:
+        return
+    log(f"{len(reasons)} {what}:")
+    for file, reason in list(reasons.items())[:SHOWN]:
+        log(f"  {file}: {reason}")
+    if len(reasons) > SHOWN:
+        log(f"  ... and {len(reasons) - SHOWN} more")
+
+
+def _blank(value: object) -> object:
+    """CSV cell: empty for a missing value (None, NaN)."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    return f"{value:.6g}" if isinstance(value, float) else value
+
+
+def _csv(header: Iterable[str], rows: Iterable[Iterable]) -> str:
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return text.getvalue()
+
+
+def _write(path: Path, text: str, what: str) -> None:
+    """Written atomically: a reader never sees half a file, and a failed write leaves none."""
     path = Path(path)
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text("\n".join(lines) + "\n")
+        partial.write_text(text)
         os.replace(partial, path)
     except OSError as err:
         if partial.is_file():
             partial.unlink()
-        raise UserError(f"{path}: cannot write the submission ({err.strerror or err}).") from None
+        raise UserError(f"{path}: cannot write {what} ({err.strerror or err}).") from None
 
 
 def evaluate_split(model: torch.nn.Module, config: ExperimentConfig, split: str = "val",

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import ich_tune.predict
+import ich_tune.data.folder
 from ich_tune.cli import main
 from ich_tune.config import build_experiment
 from ich_tune.config.schema import ExperimentConfig
@@ -136,7 +136,7 @@ def test_cli_predict_and_evaluate(trained, tiny_rsna, tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["predict", "--model", "nope.pt", "--dicom-dir", ".", "--out", "x.csv"], "error: model 'nope.pt'"),
     (["predict", "--model", "{model}", "--dicom-dir", "{tmp}/none", "--out", "x.csv"], "no such folder"),
-    (["predict", "--model", "{model}", "--dicom-dir", "{tmp}", "--out", "x.csv"], "no ID_*.dcm"),
+    (["predict", "--model", "{model}", "--dicom-dir", "{tmp}", "--out", "x.csv"], "no DICOM files there"),
     (["predict", "--model", "{model}", "--dicom-dir", "{test}", "--out", "x.csv", "--batch-size", "0"],
      "--batch-size 0: must be at least 1"),
     (["predict", "--model", "{model}", "--dicom-dir", "{test}", "--out", "{tmp}"],
@@ -195,10 +195,11 @@ def test_context_predictions_match_the_training_loader(trained_context, tiny_rsn
         data = dataclasses.replace(config.data, root=str(tmp_path / "test"), cache_dir=str(tmp_path / "c"))
         config = dataclasses.replace(config, data=data)
     decoded = Counter()
-    read_hu = ich_tune.predict.read_hu
-    monkeypatch.setattr(ich_tune.predict, "read_hu", lambda path: decoded.update([path]) or read_hu(path))
+    read_hu = ich_tune.data.folder.read_hu
+    monkeypatch.setattr(ich_tune.data.folder, "read_hu", lambda path: decoded.update([path]) or read_hu(path))
 
-    ids, probs, unreadable = predict_folder(model, config, tiny_rsna / folder, batch_size=5, log=quiet)
+    ids, probs, unreadable = predict_folder(model, config, tiny_rsna / folder, batch_size=5, log=quiet,
+                                            workers=1)  # in this process, where decoding is counted
     assert set(decoded.values()) == {1} and len(decoded) == len(ids)  # each file decoded once
     expected = loader_probs(model, config)
     assert set(expected) | set(unreadable) == set(ids)

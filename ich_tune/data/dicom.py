@@ -11,9 +11,11 @@ from __future__ import annotations
 import gzip
 import io
 import math
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pydicom
@@ -25,7 +27,8 @@ from ich_tune.errors import DataError
 
 _INTEGERS = ("Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation")
 _REQUIRED = (*_INTEGERS, "PhotometricInterpretation")
-_HEADER = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "ImagePositionPatient")
+_HEADER = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "InstanceNumber",
+           "ImagePositionPatient")
 _PIXEL_MODULE = ("Modality", *_REQUIRED, "SamplesPerPixel", "NumberOfFrames", "RescaleSlope",
                  "RescaleIntercept", "PixelData")  # every element the pixel path reads
 _PACKAGES = {  # what to pip install for a compressed transfer syntax pydicom cannot decode alone
@@ -48,6 +51,10 @@ class DicomError(DataError):
         return type(self), (self.path, self.reason)
 
 
+class NotDicomError(DicomError):
+    """A file that holds no DICOM at all (a README beside the slices, say), as against a broken one."""
+
+
 @dataclass(frozen=True)
 class SliceHeader:
     """What groups and orders slices: patient and exam for the split, z within a series."""
@@ -57,6 +64,14 @@ class SliceHeader:
     study_uid: str
     series_uid: str
     z: float  # ImagePositionPatient[2]; NaN when absent
+
+
+@dataclass(frozen=True)
+class InstanceHeader(SliceHeader):
+    """A slice's header with what names it in any export, whatever its file is called."""
+
+    instance_uid: str  # SOPInstanceUID
+    instance_number: int | None
 
 
 def image_id(path: str | Path) -> str:
@@ -71,6 +86,14 @@ def read_header(path: str | Path) -> SliceHeader:
     """The grouping header of a slice, read without its pixel data."""
     path = Path(path)
     return _header(path, _dataset(path, pixels=False))
+
+
+def read_instance_header(path: str | Path) -> InstanceHeader:
+    """The grouping header and the instance's UID and number, read without pixel data."""
+    path = Path(path)
+    ds = _dataset(path, pixels=False)
+    return InstanceHeader(**vars(_header(path, ds)), instance_uid=_text(ds, "SOPInstanceUID"),
+                          instance_number=_whole(ds.get("InstanceNumber")))
 
 
 def read_slice(path: str | Path) -> tuple[SliceHeader, np.ndarray]:
@@ -107,11 +130,40 @@ def read_hu(path: str | Path) -> np.ndarray:
 
 def _read(path: Path, pixels: bool) -> pydicom.Dataset:
     if path.suffix != ".gz":
-        return pydicom.dcmread(path, stop_before_pixels=not pixels)
+        return _parse(path, pixels)
     if pixels:  # whole, so that a damaged gzip fails here rather than as a short read
-        return pydicom.dcmread(io.BytesIO(gzip.decompress(path.read_bytes())))
+        return _parse(io.BytesIO(gzip.decompress(path.read_bytes())), pixels)
     with gzip.open(path) as stream:  # streamed: a header needs only the first few KB
-        return pydicom.dcmread(stream, stop_before_pixels=True)
+        return _parse(stream, pixels)
+
+
+def _parse(source: Path | BinaryIO, pixels: bool) -> pydicom.Dataset:
+    """A DICOM file, or a bare data set without preamble and file meta, as older exports write.
+
+    pydicom's `force` reads any bytes as some data set, so a forced read counts as DICOM only when
+    it finds a SOP Class UID, which every stored image has; its transfer syntax is then the
+    encoding pydicom recognised.
+    """
+    try:
+        return pydicom.dcmread(source, stop_before_pixels=not pixels)
+    except InvalidDicomError as err:
+        refused = err
+    if hasattr(source, "seek"):
+        source.seek(0)
+    try:
+        with warnings.catch_warnings():  # guessing the encoding warns; the check below decides
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(source, stop_before_pixels=not pixels, force=True)
+            is_dicom = isinstance(ds.get("SOPClassUID"), str)
+    except Exception:  # bytes that are no data set at all
+        is_dicom = False
+    if not is_dicom:
+        raise refused
+    implicit, little = ds.original_encoding
+    if "TransferSyntaxUID" not in ds.file_meta and little is not None:
+        ds.file_meta.TransferSyntaxUID = (uid.ImplicitVRLittleEndian if implicit else
+                                          uid.ExplicitVRLittleEndian if little else uid.ExplicitVRBigEndian)
+    return ds
 
 
 def _dataset(path: Path, pixels: bool) -> pydicom.Dataset:
@@ -132,7 +184,7 @@ def _dataset(path: Path, pixels: bool) -> pydicom.Dataset:
         raise DicomError(path, "file not found") from None
     except InvalidDicomError:
         reason = "not a DICOM file (no 'DICM' marker after the 128-byte preamble)"
-        raise DicomError(path, reason) from None
+        raise NotDicomError(path, reason) from None
     except (EOFError, gzip.BadGzipFile, zlib.error) as err:
         raise DicomError(path, f"damaged file ({_one_line(err)})") from None
     except OSError as err:
@@ -237,6 +289,13 @@ def _z(ds: pydicom.Dataset) -> float:
         return float(ds.ImagePositionPatient[2])
     except (AttributeError, IndexError, TypeError, ValueError):
         return math.nan
+
+
+def _whole(value: object) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _short(value: object) -> str:

@@ -1,0 +1,192 @@
+"""Any folder tree of DICOM files, as a scanner or PACS exports it, read by a pool of processes.
+
+A file is DICOM by what it holds (dicom.py's rules: the 'DICM' marker, or a bare data set with a
+SOP Class UID), never by its name: exports name files `IM000001`, `0001.dcm` or nothing at all,
+and nest them study/series. Headers are read first, to name every image and rebuild its series;
+pixels are decoded afterwards, series after series, so a model given neighbouring slices gets a
+whole series at once. Both passes run in worker processes, as the cache build does, since
+decoding a slice costs milliseconds and the model's forward pass on a batch often costs less.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import multiprocessing
+import os
+import re
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ich_tune.data.channels import parse_channels, to_channels
+from ich_tune.data.dicom import (
+    DicomError,
+    InstanceHeader,
+    NotDicomError,
+    image_id,
+    read_hu,
+    read_instance_header,
+)
+from ich_tune.errors import DataError
+
+RSNA_NAME = re.compile(r"ID_[0-9a-fA-F]+\.dcm(\.gz)?")
+HEADER_CHUNK, DECODE_CHUNK = 64, 8  # files per task: enough to amortise the pickling, few enough to balance
+AHEAD = 4  # tasks in flight per worker: keeps the workers busy while decoded slices wait for the model
+
+Runner = Callable[[Callable, Iterable], Iterator]
+
+
+@dataclass(frozen=True)
+class FolderImage:
+    """One image file of the folder: where it is, what it is called, and its place in its series."""
+
+    path: str
+    file: str  # relative to the folder, for reports
+    image_id: str  # the RSNA id of an ID_<hex>.dcm name, else the SOPInstanceUID, else `file`
+    patient_id: str = ""
+    study_uid: str = ""
+    series_uid: str = ""
+    instance_uid: str = ""
+    instance_number: int | None = None
+    z: float = math.nan
+
+    @property
+    def series_key(self) -> str:
+        """What groups it with its neighbours: its series, or the file alone without a series UID."""
+        return self.series_uid or f"file:{self.file}"
+
+
+@dataclass
+class Folder:
+    """What a folder holds: images (series by series, by z within each), and what could not be used."""
+
+    root: Path
+    images: list[FolderImage]  # every DICOM file, and every RSNA-named one, in decoding order
+    unreadable: dict[str, str]  # file -> reason: an image whose header could not be read
+    skipped: dict[str, str]  # file -> reason: not DICOM at all
+
+    @property
+    def rsna_named(self) -> bool:
+        """Every image is named ID_<hex>.dcm, as in Kaggle's stage_2_test/."""
+        return bool(self.images) and all(RSNA_NAME.fullmatch(Path(i.file).name) for i in self.images)
+
+
+def list_files(root: Path) -> list[Path]:
+    """Every file under `root`, at any depth, in a stable order."""
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder; --dicom-dir must be a folder of DICOM files "
+                        "(any names, nested study/series folders too).")
+    found = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders.sort()
+        found.extend(Path(folder) / name for name in sorted(names))
+    return found
+
+
+def scan(root: Path, run: Runner) -> Folder:
+    """Every file under `root` classified by its header: an image, unreadable, or not DICOM."""
+    root = Path(root)
+    paths = list_files(root)
+    images, unreadable, skipped = [], {}, {}
+    chunks = [[str(p) for p in paths[start:start + HEADER_CHUNK]]
+              for start in range(0, len(paths), HEADER_CHUNK)]
+    for path, result in zip(paths, _flat(run(read_headers, chunks)), strict=True):
+        file = path.relative_to(root).as_posix()
+        rsna = RSNA_NAME.fullmatch(path.name)
+        if isinstance(result, InstanceHeader):
+            name = image_id(path) if rsna else result.instance_uid or file
+            fields = dataclasses.asdict(result)
+            del fields["image_id"]
+            images.append(FolderImage(str(path), file, name, **fields))
+        elif result[0] and not rsna:  # a README or a thumbnail beside the slices
+            skipped[file] = result[1]
+        else:
+            images.append(FolderImage(str(path), file, image_id(path) if rsna else file))
+            unreadable[file] = result[1]
+    if not images:
+        raise DataError(f"{root}: no DICOM files there ({len(skipped)} other files); point --dicom-dir "
+                        "at a folder of CT slices, e.g. a study export or Kaggle's stage_2_test/.")
+    images.sort(key=_series_order)
+    return Folder(root, images, unreadable, skipped)
+
+
+def _series_order(image: FolderImage) -> tuple:
+    """Study, series, then z (slices without one last), instance number and file name."""
+    z = (math.isnan(image.z), 0.0 if math.isnan(image.z) else image.z)
+    number = (image.instance_number is None, image.instance_number or 0)
+    return image.study_uid, image.series_key, z, number, image.file
+
+
+def read_headers(paths: list[str]) -> list[InstanceHeader | tuple[bool, str]]:
+    """A header for each file, or (not DICOM at all?, reason); runs in a worker."""
+    results = []
+    for path in paths:
+        try:
+            results.append(read_instance_header(path))
+        except DicomError as err:
+            results.append((isinstance(err, NotDicomError), err.reason))
+    return results
+
+
+def decode(images: list[FolderImage], channel_spec: str | list, size: int,
+           run: Runner) -> Iterator[tuple[FolderImage, np.ndarray | str]]:
+    """(image, [C, S, S] channels or the reason it failed) for every image, in the order given."""
+    chunks = [([i.path for i in images[start:start + DECODE_CHUNK]], channel_spec, size)
+              for start in range(0, len(images), DECODE_CHUNK)]
+    return zip(images, _flat(run(decode_files, chunks)), strict=True)
+
+
+def decode_files(task: tuple[list[str], str | list, int]) -> list[np.ndarray | str]:
+    """Each file's channels as training's cache holds them, or why it failed; runs in a worker."""
+    paths, channel_spec, size = task
+    channels = parse_channels(channel_spec)
+    results = []
+    for path in paths:
+        try:
+            results.append(to_channels(read_hu(path), channels, size))
+        except DicomError as err:
+            results.append(err.reason)
+    return results
+
+
+@contextmanager
+def readers(workers: int | None) -> Iterator[Runner]:
+    """run(function, tasks) -> results in task order: `workers` processes, or this one for 1.
+
+    Processes fork from a forkserver that imported this module once, as in the cache build, and
+    keep to one thread each.
+    """
+    workers = workers or os.cpu_count() or 1
+    if workers == 1:
+        yield map
+        return
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    with context.Pool(workers, initializer=_one_thread) as pool:
+        yield lambda function, tasks: _ahead(pool, function, tasks, AHEAD * workers)
+
+
+def _ahead(pool, function: Callable, tasks: Iterable, ahead: int) -> Iterator:
+    """pool.imap with at most `ahead` tasks in flight, so that decoded slices never pile up in memory
+    while the model is slower than the workers."""
+    pending = deque()
+    for task in tasks:
+        pending.append(pool.apply_async(function, (task,)))
+        if len(pending) >= ahead:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def _one_thread() -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def _flat(chunks: Iterable[list]) -> Iterator:
+    for chunk in chunks:
+        yield from chunk
