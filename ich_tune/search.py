@@ -24,6 +24,7 @@ from pathlib import Path
 import ray
 import yaml
 from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
@@ -318,6 +319,9 @@ def _run(search: Search, options: RunOptions, run_dir: str, local: Path, log) ->
                              metric=config.metric, mode=config.mode,
                              dimensions=[d.path for d in search.dimensions])
     trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings), resources)
+    # trials write their own TensorBoard logs (curves, HParams); Ray's default TensorBoard logger would
+    # add a second HParams experiment with other names, and the dashboard shows one of the two at random
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     if options.resume:
         log(f"resuming {run_dir}")
         tuner = tune.Tuner.restore(run_dir, trainable, resume_errored=True)
@@ -331,7 +335,8 @@ def _run(search: Search, options: RunOptions, run_dir: str, local: Path, log) ->
                 scheduler=make_scheduler(config, budget), search_alg=make_search_alg(config, budget),
                 max_concurrent_trials=config.max_concurrent_trials),
             run_config=tune.RunConfig(
-                name=storage.name_of(run_dir), storage_path=storage.parent(run_dir), callbacks=[callback],
+                name=storage.name_of(run_dir), storage_path=storage.parent(run_dir),
+                callbacks=[callback, CSVLoggerCallback(), JsonLoggerCallback()],
                 verbose=1,  # status tables and trial starts and ends; per-result tables drown the logs
                 checkpoint_config=tune.CheckpointConfig(
                     num_to_keep=config.keep_checkpoints, checkpoint_score_attribute=config.metric,

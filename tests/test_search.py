@@ -13,7 +13,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from ich_tune.tracking import TAG_ENDED, TAG_RESTARTS, TAG_TRIAL_ID, child_runs
-from tests.conftest import Cli, shared_cache
+from tests.conftest import Cli, free_port, shared_cache
 from tests.conftest import write_space as shared_write_space
 from tests.test_failures import wait_for, worker_pid
 
@@ -329,3 +329,50 @@ def test_optuna_searcher_tells_pruned_completed_and_failed_apart():
     states = [t.state for t in searcher._ot_study.trials]
     assert states == [TrialState.PRUNED, TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED]
     assert searcher._ot_study.best_value == 0.9
+
+
+@pytest.mark.slow
+def test_tensorboard_serves_each_trials_hparams_and_metrics(optuna_search, tmp_path):
+    """`tensorboard --logdir <run>` as README prints it starts, on loopback, and its HParams dashboard
+    lists both trials with their searched values and the validation metrics as columns."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/data/plugin/hparams"
+    with open(tmp_path / "tensorboard.log", "wb") as log:
+        server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir",
+                                   str(optuna_search.run_dir), "--host", "127.0.0.1", "--port", str(port)],
+                                  stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def post(route: str, body: dict) -> dict:
+            request = urllib.request.Request(f"{url}/{route}", json.dumps(body).encode(),
+                                             {"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return json.load(response)
+
+        experiment = wait_for(lambda: _answer(post, "experiment", {"experimentName": ""}), "TensorBoard",
+                              timeout=90)
+        hparams = {h["name"] for h in experiment["hparamInfos"]}
+        assert {"optimizer.lr", "model.dropout"} <= hparams
+        metrics = {m["name"]["tag"] for m in experiment["metricInfos"]}
+        assert {"val/accuracy", "val/log_loss"} <= metrics
+        groups = post("session_groups", {"experimentName": "", "startIndex": 0, "sliceSize": 10,
+                                         "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS",
+                                                             "STATUS_FAILURE", "STATUS_RUNNING"],
+                                         "colParams": []})
+        lrs = sorted(g["hparams"]["optimizer.lr"] for g in groups["sessionGroups"])
+        assert lrs == sorted(t.params["optimizer.lr"] for t in optuna_search.trials)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _answer(post, route: str, body: dict) -> dict | None:
+    """The route's answer once the server is up and has read the logs, else None."""
+    try:
+        answer = post(route, body)
+    except OSError:
+        return None
+    return answer if answer.get("hparamInfos") else None
