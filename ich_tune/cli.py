@@ -256,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = verbs.add_parser("run", help="run a hyperparameter search with Ray Tune")
     _add_config_args(run, "search")
     run.add_argument("--data-root", type=Path, help="RSNA-layout folder (sets data.root)")
-    run.add_argument("--address", help="join this Ray cluster instead of starting one (e.g. auto)")
+    run.add_argument("--address", help="join this Ray cluster instead of starting one (HEAD:6379, or auto; "
+                     "default $RAY_ADDRESS, which `ray job submit` sets)")
     run.add_argument("--resume", action="store_true", help="continue the latest (or --name) run")
     _add_rescan(run)
     run.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite in the storage folder)")
