@@ -11,7 +11,7 @@ import numpy as np
 from ich_tune.config.schema import DataConfig
 from ich_tune.data.cache import LABELS_CSV, ensure_cache, open_cache
 from ich_tune.data.context import ContextCache, with_context
-from ich_tune.data.split import describe_split, patient_groups, split_by_group
+from ich_tune.data.split import describe_split, group_codes, patient_groups, split_by_group
 from ich_tune.errors import DataError
 
 
@@ -41,9 +41,10 @@ def resolve_root(cfg: DataConfig, log=print) -> Path:
     return root
 
 
-def prepare_cache(cfg: DataConfig, log=print) -> Path:
-    """Generate (synthetic only) and preprocess as needed; returns the cache folder."""
-    return ensure_cache(cfg, resolve_root(cfg, log), log)
+def prepare_cache(cfg: DataConfig, log=print, rescan: bool = False) -> Path:
+    """Generate (synthetic only) and preprocess as needed; returns the cache folder. `rescan` checks
+    every file rather than trusting an unchanged folder (see cache.ensure_cache)."""
+    return ensure_cache(cfg, resolve_root(cfg, log), log, rescan)
 
 
 @dataclass
@@ -58,7 +59,7 @@ def load_splits(cache_path: Path, cfg: DataConfig, log=print) -> Splits:
     patient."""
     cache = with_context(open_cache(cache_path), cfg.context)
     valid = np.flatnonzero(cache.valid)
-    groups = patient_groups(cache.patient_ids[valid], cache.study_uids[valid])
+    groups = group_codes(patient_groups(cache.patient_ids[valid], cache.study_uids[valid]))
     train, val = split_by_group(groups, cfg.train_fraction, cfg.split_seed, cfg.folds, cfg.fold)
     if len(train) == 0 or len(val) == 0:
         raise DataError(f"{cache_path}: {len(np.unique(groups))} patients cannot be split into "
