@@ -7,22 +7,34 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 import torch
+from pydicom.data import get_testdata_file
+from pydicom.pixels import get_decoder
+from pydicom.uid import generate_uid
 
 import ich_tune.data.folder
 from ich_tune.cli import main
 from ich_tune.config import build_experiment
 from ich_tune.config.schema import ExperimentConfig
 from ich_tune.data.cache import open_cache
+from ich_tune.data.channels import parse_channels, to_channels
 from ich_tune.data.context import with_context
 from ich_tune.data.labels import CLASSES, read_labels, write_labels
 from ich_tune.data.loader import validation_batches
 from ich_tune.data.prepare import load_splits, prepare_cache
-from ich_tune.data.synthetic import RSNA_ANY, RSNA_RATES
+from ich_tune.data.synthetic import RSNA_ANY, RSNA_RATES, SUBMISSION_CSV
 from ich_tune.device import place
 from ich_tune.errors import UserError
-from ich_tune.predict import SUBMISSION_CLIP, evaluate_split, predict_folder, write_submission
+from ich_tune.predict import (
+    SUBMISSION_CLIP,
+    evaluate_split,
+    predict_dicom,
+    predict_folder,
+    save_predictions,
+    write_submission,
+)
 from ich_tune.train import predict_batches, train
 from ich_tune.weights import load_trained
 from tests.conftest import tiny_tree
@@ -42,6 +54,11 @@ def trained(tiny_rsna, tmp_path_factory):
 def read_rows(path: Path) -> list[list[str]]:
     with open(path, newline="") as f:
         return list(csv.reader(f))
+
+
+def read_dicts(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def quiet(*_) -> None:
@@ -137,6 +154,8 @@ def test_cli_predict_and_evaluate(trained, tiny_rsna, tmp_path, capsys):
     (["predict", "--model", "nope.pt", "--dicom-dir", ".", "--out", "x.csv"], "error: model 'nope.pt'"),
     (["predict", "--model", "{model}", "--dicom-dir", "{tmp}/none", "--out", "x.csv"], "no such folder"),
     (["predict", "--model", "{model}", "--dicom-dir", "{tmp}", "--out", "x.csv"], "no DICOM files there"),
+    (["predict", "--model", "{model}", "--dicom-dir", "{test}", "--out", "x.csv", "--workers", "0"],
+     "--workers 0: must be at least 1"),
     (["predict", "--model", "{model}", "--dicom-dir", "{test}", "--out", "x.csv", "--batch-size", "0"],
      "--batch-size 0: must be at least 1"),
     (["predict", "--model", "{model}", "--dicom-dir", "{test}", "--out", "{tmp}"],
@@ -208,3 +227,160 @@ def test_context_predictions_match_the_training_loader(trained_context, tiny_rsn
     np.testing.assert_allclose(got, np.array(list(expected.values())), atol=1e-6)
     alone = np.array(list(loader_probs(model, config, alone=True).values()))
     assert np.abs(got - alone).max() > 1e-3  # the neighbours matter: a wrong one would show
+
+
+# Any folder: pydicom's own sample files, and a nested export without RSNA names.
+
+SAMPLES = Path(get_testdata_file("CT_small.dcm")).parent
+SAMPLE_COPIES = {  # name in the folder -> pydicom sample file
+    "ct/IM0001": "CT_small.dcm",
+    "ct/j2k": "693_J2KI.dcm",  # CT, JPEG 2000
+    "ct/jls.dcm": "JPEGLSNearLossless_16.dcm",  # greyscale, no modality, JPEG-LS
+    **{f"export/CT2/{n}": f"dicomdirtests/77654033/CT2/{n}" for n in ("17106", "17136", "17166", "17196")},
+    "mr.dcm": "MR_small.dcm",
+    "zipped/mr.gz": "zipMR.gz",
+    "colour": "SC_jpeg_no_color_transform.dcm",
+    "plan.dcm": "rtplan.dcm",
+    "bare plan": "ExplVR_LitEndNoMeta.dcm",  # no preamble, no file meta: DICOM by its content
+    "DICOMDIR": "dicomdirtests/DICOMDIR",
+    "README.txt": "README.txt",
+    "icc/crayons.icc": "crayons.icc",
+    "test1.json": "test1.json",
+}
+SAMPLE_REASONS = {
+    "mr.dcm": "modality is MR, not CT", "zipped/mr.gz": "modality is MR, not CT",
+    "colour": "not a greyscale slice", "plan.dcm": "no pixel data", "bare plan": "no pixel data",
+    "DICOMDIR": "no pixel data", "ct/truncated.dcm": "truncated pixel data",
+}
+NOT_DICOM = {"README.txt", "icc/crayons.icc", "test1.json"}
+
+
+def expected_probs(model: torch.nn.Module, config: ExperimentConfig, path: Path) -> np.ndarray:
+    """The model on a file decoded by pydicom alone (stored values, slope and intercept)."""
+    ds = pydicom.dcmread(path)
+    hu = ds.pixel_array * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
+    image = to_channels(hu, parse_channels(config.data.channels), config.data.size)
+    with torch.no_grad():
+        return torch.sigmoid(model(torch.from_numpy(image[None]).float() / 255.0))[0].numpy()
+
+
+def test_pydicom_sample_files(trained, tmp_path):
+    """CT slices under any name are scored; every other file is listed with its reason."""
+    _, model, config = trained
+    for name, sample in SAMPLE_COPIES.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(SAMPLES / sample, tmp_path / name)
+    whole = (SAMPLES / "CT_small.dcm").read_bytes()
+    (tmp_path / "ct" / "truncated.dcm").write_bytes(whole[:-1000])
+    decodable = {"ct/jls.dcm": "JPEGLSNearLossless_16.dcm", "ct/j2k": "693_J2KI.dcm"}
+    for name, sample in decodable.items():  # scored where a decoder is installed, else refused
+        if not get_decoder(pydicom.dcmread(SAMPLES / sample).file_meta.TransferSyntaxUID).is_available:
+            SAMPLE_REASONS[name] = "no decoder is installed: pip install"
+    prediction = predict_dicom(model, config, tmp_path, batch_size=3, workers=2)
+    assert set(prediction.folder.skipped) == NOT_DICOM
+    assert all("not a DICOM file" in r for r in prediction.folder.skipped.values())
+    assert set(prediction.unreadable) == set(SAMPLE_REASONS)
+    for name, reason in SAMPLE_REASONS.items():
+        assert reason in prediction.unreadable[name], name
+    scored = {image.file: k for k, image in enumerate(prediction.images)}
+    assert set(scored) == set(SAMPLE_COPIES) - set(SAMPLE_REASONS) - NOT_DICOM
+    for name, k in scored.items():
+        ds, image = pydicom.dcmread(tmp_path / name), prediction.images[k]
+        assert (image.image_id, image.instance_uid) == (ds.SOPInstanceUID, ds.SOPInstanceUID)
+        assert (image.study_uid, image.series_uid) == (ds.StudyInstanceUID, ds.SeriesInstanceUID)
+        assert image.z == pytest.approx(float(ds.ImagePositionPatient[2]))
+        expected = expected_probs(model, config, tmp_path / name)
+        np.testing.assert_allclose(prediction.probs[k], expected, atol=1e-5)
+
+    out = tmp_path / "out" / "scores.csv"
+    assert save_predictions(prediction, out, log=quiet) == "wide"
+    rows = read_dicts(out)
+    assert [r["file"] for r in rows] == [i.file for i in prediction.images]
+    series = [r for r in rows if r["file"].startswith("export/CT2/")]  # one series of four slices
+    assert sorted(series, key=lambda r: float(r["z"])) == sorted(series, key=lambda r: int(r["slice"]))
+    assert sorted(int(r["slice"]) for r in series) == [1, 2, 3, 4]
+    skipped = dict(read_rows(out.with_name("scores.skipped.csv"))[1:])
+    assert set(skipped) == set(SAMPLE_REASONS) | NOT_DICOM
+
+
+@pytest.fixture(scope="module")
+def nested_export(tiny_rsna, tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """tiny_rsna's train slices as a hospital might export them: study/series/NNNN[.dcm], numbered
+    from the top of the head down (the reverse of z), new SOPInstanceUIDs, one study without
+    preamble and file meta, and a README. Returns the folder and new UID -> RSNA id."""
+    root = tmp_path_factory.mktemp("export")
+    (root / "README.txt").write_text("Exported by a PACS\n")
+    by_series = {}
+    for path in sorted((tiny_rsna / "stage_2_train").iterdir()):
+        ds = pydicom.dcmread(path)
+        by_series.setdefault(ds.SeriesInstanceUID, []).append((float(ds.ImagePositionPatient[2]), path, ds))
+    renamed = {}
+    for study, members in enumerate(by_series.values()):
+        for number, (_, path, ds) in enumerate(sorted(members, key=lambda m: -m[0]), start=1):
+            uid = generate_uid(entropy_srcs=[path.name])
+            renamed[uid] = path.name.removesuffix(".dcm")
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+            out = root / f"study{study}" / "series1" / (f"{number:04d}" + (".dcm" if study % 2 else ""))
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if study == 0:
+                ds.preamble = None
+                del ds.file_meta
+            ds.save_as(out, enforce_file_format=study != 0)
+    return root, renamed
+
+
+@pytest.mark.parametrize("context", [0, 1])
+def test_nested_export_matches_the_rsna_folder(trained, trained_context, tiny_rsna, nested_export, tmp_path,
+                                               context):
+    """The same slices, renamed and nested, get the same probabilities as in the RSNA folder; each
+    row carries its file's UIDs, and each study's summary its highest `any`."""
+    model, config = (trained[1], trained[2]) if context == 0 else (trained_context[0].model.eval(),
+                                                                    trained_context[1])
+    root, renamed = nested_export
+    ids, probs, unreadable = predict_folder(model, config, tiny_rsna / "stage_2_train", 8, quiet, workers=1)
+    prediction = predict_dicom(model, config, root, batch_size=5, workers=2)
+    assert prediction.folder.skipped.keys() == {"README.txt"} and not prediction.folder.rsna_named
+    assert {renamed[i.image_id] for i in prediction.images} == set(ids) - set(unreadable)
+    assert [renamed[pydicom.dcmread(root / f).SOPInstanceUID] for f in prediction.unreadable] == [*unreadable]
+    got = np.array([probs[ids.index(renamed[i.image_id])] for i in prediction.images])
+    np.testing.assert_allclose(prediction.probs, got, atol=1e-6)
+
+    out = tmp_path / "scores.csv"
+    assert save_predictions(prediction, out, log=quiet) == "wide"
+    rows = read_dicts(out)
+    assert len(rows) == len(ids) - len(unreadable) and list(rows[0])[-6:] == list(CLASSES)
+    for row in rows:
+        ds = pydicom.dcmread(root / row["file"], force=True)
+        assert (row["image_id"], row["instance_uid"]) == (ds.SOPInstanceUID, ds.SOPInstanceUID)
+        assert (row["study_uid"], row["series_uid"]) == (ds.StudyInstanceUID, ds.SeriesInstanceUID)
+        assert int(row["instance_number"]) == ds.InstanceNumber
+    studies = read_dicts(tmp_path / "scores.studies.csv")
+    assert len(studies) == len({r["study_uid"] for r in rows}) == 8
+    highest = [float(s["max_any"]) for s in studies]
+    assert highest == sorted(highest, reverse=True)
+    for study in studies:
+        own = [r for r in rows if r["study_uid"] == study["study_uid"]]
+        top = max(own, key=lambda r: float(r["any"]))
+        assert int(study["images"]) == len(own)
+        assert float(study["max_any"]) == pytest.approx(float(top["any"]), abs=1e-6)
+        assert study["max_any_file"] == top["file"] and study["max_any_image"] == top["image_id"]
+
+
+def test_cli_predict_picks_the_format_from_the_names(trained, tiny_rsna, nested_export, tmp_path, capsys):
+    model = str(trained[0])
+    root, _ = nested_export
+    assert main(["predict", "--model", model, "--dicom-dir", str(root), "--out", str(tmp_path / "s.csv"),
+                 "--workers", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "images of 8 studies" in text and "README.txt: not a DICOM file" in text
+    assert read_rows(tmp_path / "s.csv")[0][:2] == ["file", "image_id"]
+    assert (tmp_path / "s.studies.csv").is_file() and (tmp_path / "s.skipped.csv").is_file()
+
+    test = str(tiny_rsna / "stage_2_test")
+    for form in ("wide", "kaggle"):
+        out = tmp_path / f"{form}.csv"
+        assert main(["predict", "--model", model, "--dicom-dir", test, "--out", str(out),
+                     "--format", form]) == 0
+    sample = read_rows(tiny_rsna / SUBMISSION_CSV)
+    assert len(read_rows(tmp_path / "wide.csv")) == len(sample[1:]) // 6 + 1
+    assert [r[0] for r in read_rows(tmp_path / "kaggle.csv")] == [r[0] for r in sample]
