@@ -9,4 +9,5 @@ BENCHMARKS = {
     "train": "ich_tune.bench.train",
     "search": "ich_tune.bench.search",
     "packing": "ich_tune.bench.packing",
+    "startup": "ich_tune.bench.startup",
 }
