@@ -9,5 +9,6 @@ BENCHMARKS = {
     "train": "ich_tune.bench.train",
     "search": "ich_tune.bench.search",
     "packing": "ich_tune.bench.packing",
+    "predict": "ich_tune.bench.predict",
     "startup": "ich_tune.bench.startup",
 }

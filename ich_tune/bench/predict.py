@@ -1,0 +1,87 @@
+"""Reading a DICOM folder for predict: one process against a pool of worker processes.
+
+Both read the same synthetic 512x512 slices as `predict` does before its model sees them: every
+header (to find the images and rebuild their series), then every slice decoded to HU, resized and
+windowed into the channels of a half-resolution model. Rounds alternate the two so that a change
+in the machine's load falls on both; each figure is the best of its rounds, pool start-up
+included. The exit status is 1 when the pool misses its target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+TARGET_SPEEDUP = 1.7  # on 2 cores: the pool must win most of the second core
+CHANNELS, SIZE = ["brain", "subdural", "bone"], 256  # halfres: 512 -> 256, three windows
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--work", type=Path, default=Path("runs/bench-predict"),
+                        help="folder for the synthetic slices (written once, reused)")
+    parser.add_argument("--images", type=int, default=800, help="synthetic 512x512 slices (at least)")
+    parser.add_argument("--workers", type=int, help="processes of the pool (default: all cores)")
+    parser.add_argument("--rounds", type=int, default=2, help="times each way is measured, alternating")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ich_tune.bench.data import synthetic_data, warm_page_cache
+
+    workers = args.workers or os.cpu_count() or 1
+    root = synthetic_data(args.work / "rsna", args.images)
+    files = warm_page_cache(root)
+    folder = next(iter(files.values())).parent
+    load_before = os.getloadavg()[0]
+    rates: dict[int, list[float]] = {1: [], workers: []}
+    for _ in range(args.rounds):
+        for count in rates:
+            images, seconds = read_folder(folder, count)
+            rates[count].append(images / seconds)
+            print(f"{count} process{'es' if count > 1 else ''}: {images} images in {seconds:.1f} s, "
+                  f"{images / seconds:,.0f} images/s")
+    single, pooled = max(rates[1]), max(rates[workers])
+    figures = {
+        "images": len(files), "workers": workers, "single_images_per_s": single,
+        "pooled_images_per_s": pooled, "speedup": pooled / single, "rounds": args.rounds,
+        "cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
+        "load_average": [load_before, os.getloadavg()[0]],
+    }
+    print(table(figures))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=1))
+    return 0 if figures["speedup"] >= TARGET_SPEEDUP else 1
+
+
+def read_folder(folder: Path, workers: int) -> tuple[int, float]:
+    """(images decoded, seconds) for headers and pixels of every file, as predict reads them."""
+    from ich_tune.data.folder import decode, readers, scan
+
+    started = time.perf_counter()
+    with readers(workers) as run:
+        found = scan(folder, run)
+        decoded = sum(not isinstance(result, str)
+                      for _, result in decode(found.images, CHANNELS, SIZE, run))
+    return decoded, time.perf_counter() - started
+
+
+def table(f: dict) -> str:
+    single, pooled = f["single_images_per_s"], f["pooled_images_per_s"]
+    passed = "PASS" if f["speedup"] >= TARGET_SPEEDUP else "FAIL"
+    pool = f"pool of {f['workers']} processes (start-up included)"
+    return "\n".join([
+        f"predict's reading: {f['images']:,} synthetic 512x512 slices -> 3 windows at {SIZE}x{SIZE}, "
+        f"headers included; page cache warm; best of {f['rounds']} rounds",
+        f"machine: {f['cpus']} CPUs ({f['usable_cpus']} usable), load average {f['load_average'][0]:.1f} "
+        f"before, {f['load_average'][1]:.1f} after (shared: the ratio holds better than the rates)",
+        "",
+        f"{'':<40}{'images/s':>10}",
+        f"{'one process':<40}{single:>10,.0f}",
+        f"{pool:<40}{pooled:>10,.0f}",
+        "",
+        f"pool vs one process: {f['speedup']:.2f}x (target >= {TARGET_SPEEDUP}x)  {passed}",
+    ])
