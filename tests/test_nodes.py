@@ -80,6 +80,7 @@ def two_nodes(tmp_path_factory) -> Iterator[TwoNodes]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.mark.slow  # the first starts the two nodes
 @pytest.mark.parametrize("token", ["wrong", "missing"])
 def test_a_refused_token_is_one_message(two_nodes, tiny_rsna, tmp_path, token):
     space = write_space(tmp_path, tiny_rsna, experiment={"data": {"cache_dir": str(shared_cache(tiny_rsna))}})
@@ -130,31 +131,30 @@ def test_a_search_joins_the_cluster_and_every_node_prepares_its_data(two_nodes, 
     assert shipped, "the ich_tune package did not reach the nodes through the runtime environment"
 
 
-def test_a_trial_never_builds_a_missing_cache(ray_cluster, tiny_config):
-    """The node is prepared; then its cache goes. A trial there fails with one line saying why, and
-    builds nothing; so does a trial whose data settings were never prepared."""
+def test_a_late_node_is_prepared_for_its_first_trial_which_never_builds(ray_cluster, tiny_config):
+    """No node prepared yet, as for a node that joins during the search: its first trial waits for the
+    node's preparation. Then the cache goes: a trial there fails with one line saying why and builds
+    nothing; so does a trial whose data settings were never prepared."""
     import ray
 
     from ich_tune.nodes import DataOnNodes
 
     cfg = tiny_config()
     data = DataOnNodes([cfg.data])
-    lines: list[str] = []
-    data.prepare({"cpu": 1, "gpu": 0}, lines.append)
-    [cache] = complete_caches(Path(cfg.data.cache_dir))
-    assert any(str(cache) in line for line in lines)
-    shutil.rmtree(cache)
 
     @ray.remote(num_cpus=0)
     def trial(settings: DataOnNodes, wanted) -> Path:
         return settings.cache_for(wanted)
 
+    cache = ray.get(trial.remote(data, cfg.data))
+    assert complete_caches(Path(cfg.data.cache_dir)) == [cache]
+    shutil.rmtree(cache)
     with pytest.raises(RuntimeError) as removed:
         ray.get(trial.remote(data, cfg.data))
     message = str(removed.value.cause)
     assert re.fullmatch(rf"no preprocessed data on node \S+ \(\w+\): {cache} was removed after the node was "
                         r"prepared; .*--resume.*", message), message
-    assert not cache.exists() and complete_caches(Path(cfg.data.cache_dir)) == []
+    assert complete_caches(Path(cfg.data.cache_dir)) == []
 
     other = tiny_config(data={"lod": 0}).data
     with pytest.raises(RuntimeError, match="for this trial's data settings: they were not among those"):
@@ -197,3 +197,24 @@ def test_two_processes_building_one_cache_at_once_leave_one_valid_cache(tiny_rsn
     cache = open_cache(path)
     assert cache.images.shape[0] == cache.manifest["images"] == 48
     assert cache.valid.sum() == cache.manifest["decoded"]
+
+
+def test_data_variants_are_the_listed_cache_settings_and_a_sampled_one_is_refused(tiny_rsna, tmp_path):
+    """lod x channels listed: one cache each; a searched key that only changes how the cache is read adds
+    none; lod drawn from a range cannot be prepared ahead, and the message names the file and key."""
+    from ich_tune.config import load_search
+    from ich_tune.errors import ConfigError
+    from ich_tune.nodes import data_variants
+
+    space = write_space(tmp_path, tiny_rsna, experiment={"data": {
+        "lod": {"grid_search": [0, 1]}, "channels": {"choice": [["brain"], ["brain", "bone"]]},
+        "train_fraction": {"uniform": {"lower": 0.5, "upper": 0.8}}}})
+    search = load_search(space)
+    variants = data_variants(search, search.experiment)
+    assert sorted((v.size, len(v.channels)) for v in variants) == [(32, 1), (32, 2), (64, 1), (64, 2)]
+
+    drawn = {"randint": {"lower": 0, "upper": 2}}
+    search = load_search(write_space(tmp_path, tiny_rsna, experiment={"data": {"lod": drawn}}))
+    refused = rf"{tmp_path}/space.yaml:\d+: key 'data.lod': randint\(lower=0, upper=2\) changes the"
+    with pytest.raises(ConfigError, match=refused + r" preprocessed cache.*choice: \[...\]"):
+        data_variants(search, search.experiment)
