@@ -32,6 +32,7 @@ class SyntheticConfig:
     seed: int = bounded(0, 0)
     positive_rate: float = bounded(0.144, 0.0, 1.0)  # fraction of slices with a bleed (RSNA: 0.144)
     quirk_rate: float = bounded(0.05, 0.0, 1.0)  # fraction of files with an RSNA DICOM quirk
+    difficulty: Literal["demo", "hard"] = "demo"  # hard: smaller, fainter bleeds in more noise (phantom.py)
 
 
 @dataclass

@@ -75,13 +75,33 @@ class Bleed:
     size: float
     depth: float = 0.0
     lobes: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    rim: float = 0.0  # partial volume: the share of its contrast a bleed's edge pixels lose
 
     def swell(self, z: int) -> float:
         """Size factor at slice z: 0.6 at the ends of the run, 1 in its middle."""
         return 0.6 + 0.4 * math.sin(math.pi * (z - self.first + 0.5) / (self.stop - self.first))
 
 
-def random_head(rng: np.random.Generator) -> Head:
+@dataclass(frozen=True)
+class Difficulty:
+    """How hard bleeds are to see. The demo's bleeds are bright and clean, so a small model learns
+    them in a few hundred steps; real CT shows smaller, fainter bleeds in more noise, with edges
+    blurred by partial volume. Scales of 1 reproduce the demo data exactly (same draws, same bytes).
+    """
+
+    bleed_hu: tuple[float, float] = (50.0, 90.0)  # range of a bleed's HU (grey matter: 33-39)
+    size: float = 1.0  # times each bleed's extent and thickness
+    noise: float = 1.0  # times each head's noise
+    rim: float = 0.0  # see Bleed.rim
+
+
+DIFFICULTIES = {
+    "demo": Difficulty(),
+    "hard": Difficulty(bleed_hu=(44.0, 66.0), size=0.7, noise=2.0, rim=0.5),
+}
+
+
+def random_head(rng: np.random.Generator, difficulty: Difficulty = DIFFICULTIES["demo"]) -> Head:
     """A plausible adult head that fits inside the image whatever its placement."""
     a = rng.uniform(0.6, 0.7)
     return Head(
@@ -99,7 +119,7 @@ def random_head(rng: np.random.Generator) -> Head:
         ventricles=rng.uniform(0.75, 1.35),
         texture=tuple(np.column_stack([rng.uniform(-14, 14, (6, 2)),
                                        rng.uniform(0, _TAU, 6)]).ravel().tolist()),
-        noise=rng.uniform(3, 6), anatomy_seed=int(rng.integers(2**31)),
+        noise=rng.uniform(3, 6) * difficulty.noise, anatomy_seed=int(rng.integers(2**31)),
         noise_seed=int(rng.integers(2**31)),
     )
 
@@ -110,26 +130,29 @@ def moved(head: Head, rng: np.random.Generator) -> Head:
                    angle=rng.uniform(-0.3, 0.3), noise_seed=int(rng.integers(2**31)))
 
 
-def random_bleed(kind: str, first: int, stop: int, rng: np.random.Generator) -> Bleed:
-    """A bleed of `kind` over slices [first, stop), sized to stay visible at 128 px."""
-    hu = rng.uniform(50, 90)
+def random_bleed(kind: str, first: int, stop: int, rng: np.random.Generator,
+                 difficulty: Difficulty = DIFFICULTIES["demo"]) -> Bleed:
+    """A bleed of `kind` over slices [first, stop); at the demo's difficulty sized to stay visible at
+    128 px."""
+    hu, k, rim = rng.uniform(*difficulty.bleed_hu), difficulty.size, difficulty.rim
     if kind == "epidural":  # short and thick: a biconvex lens
-        return Bleed(kind, first, stop, hu, (rng.uniform(0, _TAU),), rng.uniform(0.3, 0.5),
-                     rng.uniform(0.06, 0.12))
+        return Bleed(kind, first, stop, hu, (rng.uniform(0, _TAU),), rng.uniform(0.3, 0.5) * k,
+                     rng.uniform(0.06, 0.12) * k, rim=rim)
     if kind == "subdural":  # long and thin: a crescent
-        return Bleed(kind, first, stop, hu, (rng.uniform(0, _TAU),), rng.uniform(0.6, 1.2),
-                     rng.uniform(0.045, 0.08))
+        return Bleed(kind, first, stop, hu, (rng.uniform(0, _TAU),), rng.uniform(0.6, 1.2) * k,
+                     rng.uniform(0.045, 0.08) * k, rim=rim)
     if kind == "subarachnoid":
-        return Bleed(kind, first, stop, hu, (rng.uniform(0, _TAU),), rng.uniform(0.35, 0.9),
-                     rng.uniform(0.08, 0.16))
+        return Bleed(kind, first, stop, hu, (rng.uniform(0, _TAU),), rng.uniform(0.35, 0.9) * k,
+                     rng.uniform(0.08, 0.16) * k, rim=rim)
     if kind == "intraparenchymal":
         r, theta = 0.6 * math.sqrt(rng.uniform()), rng.uniform(0, _TAU)
         lobes = (rng.uniform(0, 0.25), rng.uniform(0, _TAU), rng.uniform(0, 0.12),
                  rng.uniform(0, _TAU))
         return Bleed(kind, first, stop, hu, (r * math.cos(theta), r * math.sin(theta)),
-                     rng.uniform(0.05, 0.12), lobes=lobes)
+                     rng.uniform(0.05, 0.12) * k, lobes=lobes, rim=rim)
     if kind == "intraventricular":
-        return Bleed(kind, first, stop, hu, (float(rng.integers(-1, 2)),), rng.uniform(0.35, 0.8))
+        return Bleed(kind, first, stop, hu, (float(rng.integers(-1, 2)),), rng.uniform(0.35, 0.8) * k,
+                     rim=rim)
     raise ValueError(f"unknown bleed kind {kind!r}; expected one of {SUBTYPES}")
 
 
@@ -184,7 +207,12 @@ def render_slice(
         if bleed.kind == "intraparenchymal":  # a rim of oedema, darker than white matter
             halo = _blob(bleed, here, 1.35 * bleed.swell(z)) & brain & ~ventricles & ~blood
             hu[halo] = head.white - 6
-        hu[mask] = bleed.hu
+        core = mask
+        if bleed.rim:  # edge pixels only partly hold blood: between it and the tissue beneath
+            core = _eroded(mask)
+            edge = mask & ~core
+            hu[edge] += (bleed.hu - hu[edge]) * np.float32(1 - bleed.rim)
+        hu[core] = bleed.hu
         masks[bleed.kind] |= mask
         blood |= mask
 
@@ -360,6 +388,16 @@ def _bleed_mask(bleed: Bleed, here: _Slice, swell: float) -> np.ndarray:
             (_, vc), (_, half), _ = _ventricle_geometry(head, here.t, here.s, side)
             mask |= here.ventricles[index] & (g.v > vc + half * (1 - 2 * fill))
     return mask
+
+
+def _eroded(mask: np.ndarray) -> np.ndarray:
+    """Pixels of `mask` whose four neighbours are in it too."""
+    inner = mask.copy()
+    inner[1:] &= mask[:-1]
+    inner[:-1] &= mask[1:]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    return inner
 
 
 def _blob(bleed: Bleed, here: _Slice, scale: float) -> np.ndarray:

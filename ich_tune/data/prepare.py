@@ -37,7 +37,7 @@ def resolve_root(cfg: DataConfig, log=print) -> Path:
             log(f"data: writing synthetic RSNA-layout data to {root} ({s.studies} studies x "
                 f"{s.slices} slices, {s.size}px, seed {s.seed})")
             generate(root, studies=s.studies, slices=s.slices, size=s.size, seed=s.seed,
-                     positive_rate=s.positive_rate, quirk_rate=s.quirk_rate)
+                     positive_rate=s.positive_rate, quirk_rate=s.quirk_rate, difficulty=s.difficulty)
     return root
 
 

@@ -22,8 +22,10 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from ich_tune.data.labels import CLASSES, write_labels
 from ich_tune.data.phantom import (
+    DIFFICULTIES,
     SUBTYPES,
     Bleed,
+    Difficulty,
     Head,
     moved,
     random_bleed,
@@ -97,6 +99,7 @@ def generate(
     positive_rate: float = 0.144,
     quirk_rate: float = 0.05,
     test_studies: int | None = None,
+    difficulty: str = "demo",
 ) -> dict:
     """Write a synthetic dataset under `out` and return a summary of what was written.
 
@@ -110,7 +113,7 @@ def generate(
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("synthetic RSNA-layout data written by ich_tune\n")
     (out / TRAIN_CSV).unlink(missing_ok=True)
-    images = plan(studies, slices, size, seed, positive_rate, quirk_rate, test_studies)
+    images = plan(studies, slices, size, seed, positive_rate, quirk_rate, test_studies, difficulty)
     for folder in (TRAIN_DIR, TEST_DIR):
         (out / folder).mkdir(parents=True, exist_ok=True)
     labels = {}
@@ -142,20 +145,26 @@ def plan(
     positive_rate: float = 0.144,
     quirk_rate: float = 0.05,
     test_studies: int | None = None,
+    difficulty: str = "demo",
 ) -> list[Image]:
     """Every image `generate` writes with these arguments, train studies first.
 
-    It renders and writes nothing, so tests can re-render any file's slice and masks.
+    It renders and writes nothing, so tests can re-render any file's slice and masks. `difficulty`
+    names a phantom.DIFFICULTIES preset: how faint, small and noisy the bleeds are.
 
     Separate random streams for anatomy, bleeds, ids and quirks keep each independent of the
     others: the same seed with quirk_rate 0 gives the same heads and labels.
     """
+    if difficulty not in DIFFICULTIES:
+        raise DataError(f"unknown synthetic difficulty {difficulty!r}; expected one of "
+                        f"{', '.join(DIFFICULTIES)}")
+    hard = DIFFICULTIES[difficulty]
     if test_studies is None:
         test_studies = max(1, studies // 10)
     rng = _stream(seed, 0)
-    heads, patients = _heads(rng, studies, test_studies)
-    bleeds = (_plan_bleeds(_stream(seed, 1), studies, slices, positive_rate)
-              + _plan_bleeds(_stream(seed, 2), test_studies, slices, positive_rate))
+    heads, patients = _heads(rng, studies, test_studies, hard)
+    bleeds = (_plan_bleeds(_stream(seed, 1), studies, slices, positive_rate, hard)
+              + _plan_bleeds(_stream(seed, 2), test_studies, slices, positive_rate, hard))
     ids = _stream(seed, 3)
     image_ids = _hex_ids(ids, len(heads) * slices, 9)
     patient_ids = _hex_ids(ids, max(patients) + 1, 8)
@@ -265,7 +274,8 @@ def _hex_ids(rng: np.random.Generator, count: int, digits: int) -> list[str]:
     return [f"ID_{value:0{digits}x}" for value in seen]
 
 
-def _heads(rng: np.random.Generator, train: int, test: int) -> tuple[list[Head], list[int]]:
+def _heads(rng: np.random.Generator, train: int, test: int,
+           difficulty: Difficulty) -> tuple[list[Head], list[int]]:
     """One head per study and its patient number; some patients have two studies of one split.
 
     Train and test never share a patient, so a patient-wise split of the train set stays honest.
@@ -273,7 +283,7 @@ def _heads(rng: np.random.Generator, train: int, test: int) -> tuple[list[Head],
     heads: list[Head] = []
     patients: list[int] = []
     for count in (train, test):
-        own = [random_head(rng) for _ in range(count)]
+        own = [random_head(rng, difficulty) for _ in range(count)]
         owner = list(range(len(patients), len(patients) + count))
         pairs = max(1, round(0.15 * count)) if count >= 2 else 0
         order = rng.permutation(count)
@@ -286,7 +296,7 @@ def _heads(rng: np.random.Generator, train: int, test: int) -> tuple[list[Head],
 
 
 def _plan_bleeds(
-    rng: np.random.Generator, n_studies: int, slices: int, positive_rate: float
+    rng: np.random.Generator, n_studies: int, slices: int, positive_rate: float, difficulty: Difficulty
 ) -> list[list[Bleed]]:
     """Bleed runs per study: about `positive_rate` of slices with blood, RSNA's mix of subtypes.
 
@@ -324,7 +334,7 @@ def _plan_bleeds(
             quota[kind] -= length
     bleeds: list[list[Bleed]] = [[] for _ in range(n_studies)]
     for study, kind, first, stop in runs:
-        bleeds[study].append(random_bleed(kind, first, stop, rng))
+        bleeds[study].append(random_bleed(kind, first, stop, rng, difficulty))
     return bleeds
 
 
