@@ -43,6 +43,7 @@ TAG_METRIC = "ich_tune.metric"  # the metric the search optimised, on its parent
 TAG_MODE = "ich_tune.mode"  # ... and whether higher (max) or lower (min) is better
 TAG_EXPERIMENT_KIND, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 TAG_DESCRIPTION = "mlflow.note.content"  # what MLflow's UI shows as a run's description
+TAG_NODE = "ich_tune.node_id"  # the Ray node training a trial (it changes when a restart moves it)
 
 
 def default_tracking_uri(folder: Path) -> str:
@@ -146,6 +147,7 @@ class MlflowTrials(tune.Callback):
         self.client: MlflowClient | None = None
         self.runs: dict[str, str] = {}  # trial id -> child run id
         self.last_step: dict[str, int] = {}  # trial id -> last step logged
+        self.nodes: dict[str, str] = {}  # trial id -> the node id last tagged
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "client": None}  # pickled with the Tuner's state; clients are not
@@ -184,6 +186,9 @@ class MlflowTrials(tune.Callback):
             metrics = [Metric(k, v, now, step) for k, v in {**numeric(result), "step": step}.items()]
             self.client.log_batch(self.runs[trial.trial_id], metrics=metrics)
         self.last_step[trial.trial_id] = max(step, self.last_step.get(trial.trial_id, -1))
+        if result.get("node_id") and result["node_id"] != self.nodes.get(trial.trial_id):
+            self.client.set_tag(self.runs[trial.trial_id], TAG_NODE, result["node_id"])
+            self.nodes[trial.trial_id] = result["node_id"]
 
     def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
         """The trial's example grid (written at its plot interval) goes to its run."""
