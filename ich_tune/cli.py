@@ -155,7 +155,7 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"({', '.join(f'{k}={v}' for k, v in best.params.items())})")
     print(f"  checkpoint: {checkpoint_uri(best.checkpoint)}")
     print(f"  MLflow parent run {outcome.parent_run_id}: artifacts best/weights.pt, best/config.yaml, "
-          f"trials.csv, model (mlflow.pytorch.load_model('runs:/{outcome.parent_run_id}/model'))")
+          f"trials.csv, model (mlflow.pyfunc.load_model('runs:/{outcome.parent_run_id}/model'))")
     print(f"  compare trials: {ui_hint(outcome.tracking_uri)}")
     return 0 if any(t.status in COMPLETED for t in outcome.trials) else 1
 
@@ -262,6 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rescan(run)
     run.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite in the storage folder)")
     run.add_argument("--name", help="run folder under <storage>/<search>/ (default: a timestamp)")
+    run.add_argument("--registered-model", metavar="NAME", dest="overrides", action="append",
+                     type=lambda name: f"registered_model={json.dumps(name)}",
+                     help="register the best model as a version of NAME (default: the search's name)")
+    run.add_argument("--no-register", dest="overrides", action="append_const", const="registered_model=''",
+                     help="do not register the best model")
     run.add_argument("--storage", help="trial folders and checkpoints: a folder every node sees, or a URI "
                      "such as s3://bucket/prefix (sets storage)")
     run.add_argument("--local-dir", type=Path, help="this machine's own files (run lock, default MLflow "

@@ -359,8 +359,12 @@ def _run(search: Search, options: RunOptions, run_dir: str, local: Path, log) ->
     best = best_of(trials, config.mode)
     # a checkpoint may sit in a bucket: Ray fetches it into a local folder (or hands over its own)
     with best.checkpoint.as_directory() if best else contextlib.nullcontext() as folder:
-        tracking.log_search_result(client, uri, parent_id, trials, best, Path(folder) if folder else None,
-                                   cache, config.metric)
+        published = tracking.log_search_result(
+            client, uri, parent_id, trials, best, Path(folder) if folder else None, cache, config.metric,
+            mode=config.mode, registered_model=search.name if config.registered_model is None
+            else config.registered_model)
+    for line in published.lines() if published else []:
+        log(line)
     return SearchOutcome(storage.as_path(run_dir), parent_id, uri, trials, best)
 
 

@@ -13,6 +13,7 @@ import math
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -259,15 +260,31 @@ def describe(trials: list[TrialOutcome], best: TrialOutcome | None, metric: str)
             f"{len(trials)} trials ({ended}).")
 
 
+@dataclass
+class Published:
+    """Where a search's best model went: its MLflow model, and its registered version if any."""
+
+    model_uri: str  # models:/<model_id>
+    version_uri: str | None  # models:/<name>/<version>
+    registry: str  # what the registry did, in one line
+
+    def lines(self) -> list[str]:
+        version = f"; registered as {self.version_uri}" if self.version_uri else ""
+        return [f"MLflow model: {self.model_uri}{version} (load with mlflow.pyfunc.load_model, or "
+                "--model for predict and evaluate)", self.registry]
+
+
 def log_search_result(client: MlflowClient, tracking_uri: str, parent_run_id: str,
                       trials: list[TrialOutcome], best: TrialOutcome | None, best_dir: Path | None,
-                      cache_path: Path, metric: str) -> None:
-    """The parent run's end: trials table, best config, its weights, model, plots and metrics.
+                      cache_path: Path, metric: str, *, mode: str,
+                      registered_model: str) -> Published | None:
+    """The parent run's end: trials table, best config, its weights, model, plots and metrics; the
+    model as an MLflow model, registered as a version of `registered_model` (none where it is empty).
     `best_dir` is the best trial's checkpoint as a local folder."""
     import mlflow
-    import mlflow.pytorch
     import yaml
 
+    from ich_tune import mlflow_model, registry
     from ich_tune.checkpoint import load_checkpoint, save_checkpoint
     from ich_tune.config import build_experiment
 
@@ -279,7 +296,7 @@ def log_search_result(client: MlflowClient, tracking_uri: str, parent_run_id: st
             client.log_artifact(parent_run_id, str(folder / "trials.csv"))
         if best is None:
             client.set_terminated(parent_run_id, RunStatus.to_string(RunStatus.FAILED))
-            return
+            return None
         saved = load_checkpoint(best_dir / CHECKPOINT_FILE)  # best's checkpoint, a local folder
         model, state = saved.build(), saved.training
         config = build_experiment(best.config, {})
@@ -299,5 +316,9 @@ def log_search_result(client: MlflowClient, tracking_uri: str, parent_run_id: st
             client.log_batch(parent_run_id, params=params[start:start + 100])
         mlflow.set_tracking_uri(tracking_uri)
         with mlflow.start_run(run_id=parent_run_id):  # ends the parent run FINISHED
-            mlflow.pytorch.log_model(model.eval(), name="model", pip_requirements=["torch", "ich_tune"],
-                                     serialization_format="pickle")
+            info = mlflow_model.log_model(folder / "weights.pt")
+    if not registered_model:
+        return Published(info.model_uri, None, "model registry: not registered (no registered_model name)")
+    measured = registry.Measured(metric, mode, best.best, registry.data_fingerprint(cache_path, config.data))
+    version_uri, said = registry.register(client, registered_model, info.model_id, parent_run_id, measured)
+    return Published(info.model_uri, version_uri, said)

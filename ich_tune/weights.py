@@ -1,4 +1,5 @@
-"""Where trained weights come from: a local file or folder, an MLflow run, or a search's best model.
+"""Where trained weights come from: a local file or folder, an MLflow run, a search's best model, or an
+MLflow model (logged or registered).
 
 `predict` and `evaluate` take one --model argument in any of these forms. They need the weights and
 the experiment config that trained them: the config rebuilds the same network and the same input
@@ -39,8 +40,10 @@ WEIGHTS_ARTIFACT = f"best/{WEIGHTS_FILE}"
 CONFIG_ARTIFACT = f"best/{CONFIG_FILE}"
 RAY_PARAMS = "params.json"  # a Ray trial folder's copy of the trial's experiment tree
 RUN_ID = re.compile(r"[0-9a-f]{32}")
+MODEL_ID = re.compile(r"m-[0-9a-f]{32}")  # MLflow 3's logged models: models:/<model id>
 FORMS = ("a weights file (.pt), a checkpoint or train --out folder, an MLflow run id (32 hex digits), "
-         "runs:/<run id> or search:<name>")
+         "runs:/<run id>, search:<name>, models:/<name>@<alias>, models:/<name>/<version> or "
+         "models:/<model id>")
 
 
 def default_tracking_uri() -> str:
@@ -89,6 +92,9 @@ def resolve_weights(spec: str, tracking_uri: str | None, dest: Path) -> tuple[Pa
     if spec.startswith("search:"):
         with tracking_errors():
             return _from_search(spec.removeprefix("search:"), tracking_uri, dest)
+    if spec.startswith("models:/"):
+        with tracking_errors():
+            return _from_model(spec, tracking_uri, dest), None  # the weights describe their experiment
     path = Path(spec).expanduser()
     if path.exists():
         return _from_path(path)
@@ -204,3 +210,57 @@ def _from_search(name: str, tracking_uri: str | None, dest: Path) -> tuple[Path,
             return _from_run(run.info.run_id, uri, dest)
     raise UserError(f"search:{name}: no finished search run with {WEIGHTS_ARTIFACT} in {uri}; wait for "
                     "the search to finish, or give a trial's checkpoint folder instead.")
+
+
+def _from_model(spec: str, tracking_uri: str | None, dest: Path) -> Path:
+    """The weights file inside an MLflow model this project logged (ich_tune.mlflow_model)."""
+    from mlflow.artifacts import download_artifacts
+    from mlflow.models import Model
+
+    from ich_tune import mlflow_model
+
+    client, uri = mlflow_client(tracking_uri)
+    root = _model_location(client, spec.removeprefix("models:/").rstrip("/"), spec, uri)
+    mlmodel = download_artifacts(artifact_uri=f"{root}/MLmodel", dst_path=str(dest), tracking_uri=uri)
+    meta = Model.load(mlmodel)
+    flavor = meta.flavors.get("python_function", {})
+    if flavor.get("loader_module") != mlflow_model.LOADER or "data" not in flavor:
+        raise UserError(f"model '{spec}': not a model ich_tune logged (flavors: {', '.join(meta.flavors)}); "
+                        "its weights cannot be read without running its code. Give a search's run id or "
+                        "search:<name> instead.")
+    path = f"{root}/{flavor['data']}/{mlflow_model.WEIGHTS_FILE}"
+    return Path(download_artifacts(artifact_uri=path, dst_path=str(dest), tracking_uri=uri))
+
+
+def _model_location(client: MlflowClient, ref: str, spec: str, uri: str) -> str:
+    """Where the model's files are, for a logged model id, NAME@ALIAS or NAME/VERSION that exists;
+    otherwise a message that lists what does."""
+    from mlflow.exceptions import MlflowException
+
+    if MODEL_ID.fullmatch(ref):
+        try:
+            return client.get_logged_model(ref).artifact_location
+        except MlflowException:
+            raise UserError(f"model '{spec}': no logged model {ref} in {uri}; pass --tracking-uri if it was "
+                            "logged elsewhere.") from None
+    name, _, alias = ref.partition("@")
+    version = ""
+    if not alias:
+        name, _, version = ref.partition("/")
+    if not name or not (alias or version.isdigit()):
+        raise UserError(f"model '{spec}': give models:/<name>@<alias>, models:/<name>/<version> or "
+                        "models:/<model id>.")
+    try:
+        registered = client.get_registered_model(name)
+    except MlflowException:
+        names = sorted(m.name for m in client.search_registered_models())
+        raise UserError(f"model '{spec}': no registered model '{name}' in {uri} (registered: "
+                        f"{', '.join(names) or 'none yet'}).") from None
+    versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+    if (alias and alias not in registered.aliases) or (version and int(version) not in versions):
+        missing = f"alias '{alias}'" if alias else f"version {version}"
+        aliases = ", ".join(f"{a} -> version {v}" for a, v in sorted(registered.aliases.items())) or "none"
+        raise UserError(f"model '{spec}': {name} has no {missing} (aliases: {aliases}; versions: "
+                        f"{', '.join(map(str, versions)) or 'none'}).")
+    version = registered.aliases[alias] if alias else version
+    return client.get_model_version_download_uri(name, version)

@@ -143,6 +143,11 @@ def load_search(path: Path, overrides: list[str] = ()) -> Search:
             key = f"experiment.{key}"
         set_path(tree, origins, key, value, f"--set {key.removeprefix('experiment.')}")
     config = build(SearchConfig, tree, origins)
+    registered = config.registered_model
+    if registered and (set(registered) & set("/:@") or registered.strip() != registered):
+        raise ConfigError(f"{where('registered_model', origins)}: {registered!r} cannot name a "
+                          "registered model (models:/NAME@alias reads '/', ':' and '@' as separators); "
+                          "write letters, digits, '-', '_' or '.', or \"\" not to register.")
     if 0 < config.resources.gpu < RAY_RESOURCE_STEP:
         raise ConfigError(f"{where('resources.gpu', origins)}: {config.resources.gpu:g} is below the "
                           f"smallest share Ray schedules ({RAY_RESOURCE_STEP:g}); use 0 or a share such as "

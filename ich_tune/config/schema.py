@@ -176,6 +176,7 @@ class SearchConfig:
     randomize_seed: bool = False  # a random seed per trial instead of the experiment's seed
     storage: str = "runs"  # Ray results, MLflow database and cache live under here
     tracking_uri: str | None = None  # default: sqlite:///<storage>/mlflow.db
+    registered_model: str | None = None  # the best model's registered name; default the search name, "" none
     keep_checkpoints: int = bounded(2, 1)
     max_failures: int = bounded(2, 0)  # retries of a failed trial from its last checkpoint
 
