@@ -4,8 +4,8 @@ A file is DICOM by what it holds (dicom.py's rules: the 'DICM' marker, or a bare
 SOP Class UID), never by its name: exports name files `IM000001`, `0001.dcm` or nothing at all,
 and nest them study/series. Headers are read first, to name every image and rebuild its series;
 pixels are decoded afterwards, series after series, so a model given neighbouring slices gets a
-whole series at once. Both passes run in worker processes, as the cache build does, since
-decoding a slice costs milliseconds and the model's forward pass on a batch often costs less.
+whole series at once. Both passes run in worker processes, as the cache build does: decoding
+costs milliseconds of CPU per slice, and with one process it would leave the other cores idle.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import multiprocessing
+import multiprocessing.pool
 import os
 import re
 from collections import deque
@@ -33,6 +34,7 @@ from ich_tune.data.dicom import (
     read_instance_header,
 )
 from ich_tune.errors import DataError
+from ich_tune.progress import Progress
 
 RSNA_NAME = re.compile(r"ID_[0-9a-fA-F]+\.dcm(\.gz)?")
 HEADER_CHUNK, DECODE_CHUNK = 64, 8  # files per task: enough to amortise the pickling, few enough to balance
@@ -95,7 +97,8 @@ def scan(root: Path, run: Runner) -> Folder:
     images, unreadable, skipped = [], {}, {}
     chunks = [[str(p) for p in paths[start:start + HEADER_CHUNK]]
               for start in range(0, len(paths), HEADER_CHUNK)]
-    for path, result in zip(paths, _flat(run(read_headers, chunks)), strict=True):
+    progress = Progress(len(paths), "reading DICOM headers", unit="files")
+    for path, result in zip(paths, _flat(_counted(run(read_headers, chunks), progress)), strict=True):
         file = path.relative_to(root).as_posix()
         rsna = RSNA_NAME.fullmatch(path.name)
         if isinstance(result, InstanceHeader):
@@ -108,6 +111,7 @@ def scan(root: Path, run: Runner) -> Folder:
         else:
             images.append(FolderImage(str(path), file, image_id(path) if rsna else file))
             unreadable[file] = result[1]
+    progress.close()
     if not images:
         raise DataError(f"{root}: no DICOM files there ({len(skipped)} other files); point --dicom-dir "
                         "at a folder of CT slices, e.g. a study export or Kaggle's stage_2_test/.")
@@ -171,7 +175,7 @@ def readers(workers: int | None) -> Iterator[Runner]:
         yield lambda function, tasks: _ahead(pool, function, tasks, AHEAD * workers)
 
 
-def _ahead(pool, function: Callable, tasks: Iterable, ahead: int) -> Iterator:
+def _ahead(pool: multiprocessing.pool.Pool, function: Callable, tasks: Iterable, ahead: int) -> Iterator:
     """pool.imap with at most `ahead` tasks in flight, so that decoded slices never pile up in memory
     while the model is slower than the workers."""
     pending = deque()
@@ -185,6 +189,12 @@ def _ahead(pool, function: Callable, tasks: Iterable, ahead: int) -> Iterator:
 
 def _one_thread() -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def _counted(chunks: Iterable[list], progress: Progress) -> Iterator[list]:
+    for chunk in chunks:
+        yield chunk
+        progress.update(len(chunk))
 
 
 def _flat(chunks: Iterable[list]) -> Iterator:
