@@ -16,6 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +34,9 @@ pytestmark = pytest.mark.slow
 # loopback does not listen; Ray's switch for single-machine platforms keeps the driver on loopback
 LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 STEPS, VAL_INTERVAL = 30, 3
+# what a cluster's nodes would have from their own environment; the endpoint is in the storage URI
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
 
 
 @dataclass
@@ -55,9 +60,12 @@ def cluster_search(tiny_rsna, tmp_path_factory) -> ClusterSearch:
     from ray.cluster_utils import Cluster
 
     folder = tmp_path_factory.mktemp("cluster")
-    with mlflow_server(folder / "mlflow") as url, s3_server(folder / "s3") as s3, \
-            pytest.MonkeyPatch.context() as env:
-        for name, value in {**s3["env"], "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+    with ExitStack() as stack, ThreadPoolExecutor(2) as pool, pytest.MonkeyPatch.context() as env:
+        servers = [mlflow_server(folder / "mlflow"), s3_server(folder / "s3")]
+        starting = [pool.submit(server.__enter__) for server in servers]  # while the cluster starts
+        for server, started in zip(servers, starting, strict=True):
+            stack.callback(_stop, server, started)
+        for name, value in {**CREDENTIALS, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
                             "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray", dir="/tmp")}.items():
             env.setenv(name, value)
         nodes = Cluster(initialize_head=True, head_node_args={
@@ -66,14 +74,17 @@ def cluster_search(tiny_rsna, tmp_path_factory) -> ClusterSearch:
         try:
             worker = nodes.add_node(num_cpus=2, resources={"worker": 1}, node_ip_address="127.0.0.1")
             nodes.wait_for_nodes()
+            url, s3 = (started.result() for started in starting)
+            host = s3["endpoint"].removeprefix("http://")
+            storage = f"s3://{s3['bucket']}/searches?endpoint_override={host}&scheme=http"
             space = write_space(folder, tiny_rsna, experiment={
                 "data": {"cache_dir": str(shared_cache(tiny_rsna))},
                 "optimizer": {"lr": {"grid_search": [0.003, 0.01, 0.03]}}},
                 name="cluster", scheduler={"name": "fifo"}, num_train_steps=STEPS, val_interval=VAL_INTERVAL)
             client = MlflowClient(url)
-            with Cli("run", str(space), "--address", nodes.address, "--storage", f"s3://{s3['bucket']}/searches",
+            with Cli("run", str(space), "--address", nodes.address, "--storage", storage,
                      "--tracking-uri", url, "--local-dir", str(folder / "local"), "--name", "two",
-                     log=folder / "run.log", env={**s3["env"], **LOOPBACK}) as cli:
+                     log=folder / "run.log", env={**CREDENTIALS, **LOOPBACK}) as cli:
                 moved = wait_for(lambda: _checkpointed_on(client, worker.node_id), cli, 300)
                 nodes.remove_node(worker, allow_graceful=False)
                 status = cli.wait(300)
@@ -87,7 +98,9 @@ def cluster_search(tiny_rsna, tmp_path_factory) -> ClusterSearch:
 def test_search_on_two_nodes_records_into_a_server_and_a_bucket(cluster_search, tiny_rsna, tmp_path):
     search = cluster_search
     assert search.exit_status == 0, search.output[-4000:]
-    assert "TensorBoard: tensorboard --logdir s3://ich-tune/searches/cluster/two" in search.output
+    host = search.s3["endpoint"].removeprefix("http://")
+    run_dir = f"s3://ich-tune/searches/cluster/two?endpoint_override={host}&scheme=http"
+    assert f"TensorBoard: tensorboard --logdir {run_dir}" in search.output
     assert f"compare trials: open {search.tracking_uri}" in search.output
 
     first_nodes = {trial: results[0]["node_id"] for trial, results in search.results.items()}
@@ -97,7 +110,7 @@ def test_search_on_two_nodes_records_into_a_server_and_a_bucket(cluster_search, 
     experiment = client.get_experiment_by_name("cluster")
     [parent] = client.search_runs([experiment.experiment_id], "tags.`ich_tune.search_dir` LIKE '%'")
     assert parent.info.status == "FINISHED"
-    assert parent.data.tags["ich_tune.search_dir"] == "s3://ich-tune/searches/cluster/two"
+    assert parent.data.tags["ich_tune.search_dir"] == run_dir
     assert parent.info.artifact_uri.startswith("mlflow-artifacts:")
     children = child_runs(client, parent.info.run_id)
     assert all(run.info.artifact_uri.startswith("mlflow-artifacts:") for run in children)
@@ -157,6 +170,11 @@ def test_a_lost_worker_node_moves_its_trials_to_the_node_left(cluster_search):
         assert steps == list(range(VAL_INTERVAL, STEPS + 1, VAL_INTERVAL))  # each validation logged once
     print(f"\nworker {search.worker[:8]} removed; its checkpointed trials finished on the head: "
           f"{sorted(run.data.tags[TAG_TRIAL_ID] for run in moved)}")
+
+
+def _stop(server, started) -> None:
+    if started.exception() is None:  # waits for a start still under way
+        server.__exit__(None, None, None)
 
 
 def _checkpointed_on(client: MlflowClient, node_id: str) -> set[str] | None:
