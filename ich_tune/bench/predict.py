@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 TARGET_SPEEDUP = 1.7  # on 2 cores: the pool must win most of the second core
@@ -37,21 +39,22 @@ def run(args: argparse.Namespace) -> int:
     files = warm_page_cache(root)
     folder = next(iter(files.values())).parent
     load_before, pressure_before = os.getloadavg()[0], cpu_pressure()
-    rates: dict[int, list[float]] = {1: [], workers: []}
-    starts = []
+    runs: dict[int, list[Reading]] = {1: [], workers: []}
     for _ in range(args.rounds):
-        for count in rates:
-            images, start, seconds = read_folder(folder, count)
-            rates[count].append(images / seconds)
-            pooled = f"{count} processes, after {start:.1f} s of start-up"
-            print(f"{pooled if count > 1 else 'one process'}: {images} images in {seconds:.1f} s, "
-                  f"{images / seconds:,.0f} images/s")
-            starts += [start] if count > 1 else []
-    single, pooled = max(rates[1]), max(rates[workers])
+        for count, readings in runs.items():
+            reading = read_folder(folder, count)
+            readings.append(reading)
+            pooled = f"{count} processes, after {reading.start_s:.1f} s of start-up"
+            print(f"{pooled if count > 1 else 'one process'}: {reading.images} images in "
+                  f"{reading.seconds:.1f} s, {reading.rate:,.0f} images/s, {reading.cores:.2f} cores busy, "
+                  f"{1000 * reading.cpu_s / reading.images:.1f} ms CPU per image")
+    single, pooled = (max(readings, key=lambda r: r.rate) for readings in runs.values())
     figures = {
-        "images": len(files), "workers": workers, "single_images_per_s": single,
-        "pooled_images_per_s": pooled, "speedup": pooled / single, "pool_start_s": min(starts),
-        "rounds": args.rounds,
+        "images": len(files), "workers": workers, "single_images_per_s": single.rate,
+        "pooled_images_per_s": pooled.rate, "speedup": pooled.rate / single.rate,
+        "pool_start_s": runs[workers][0].start_s, "single_cores_busy": single.cores,
+        "pooled_cores_busy": pooled.cores, "single_cpu_ms_per_image": 1000 * single.cpu_s / single.images,
+        "pooled_cpu_ms_per_image": 1000 * pooled.cpu_s / pooled.images, "rounds": args.rounds,
         "cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
         "load_average": [load_before, os.getloadavg()[0]],
         "cpu_pressure_percent": [pressure_before, cpu_pressure()],
@@ -63,19 +66,45 @@ def run(args: argparse.Namespace) -> int:
     return 0 if figures["speedup"] >= TARGET_SPEEDUP else 1
 
 
-def read_folder(folder: Path, workers: int) -> tuple[int, float, float]:
-    """(images decoded, seconds to start the pool, seconds to read) for headers and pixels of every
-    file, as predict reads them."""
+@dataclass
+class Reading:
+    images: int  # decoded
+    start_s: float  # starting the pool
+    seconds: float  # reading, once started
+    cpu_s: float  # CPU time of every process while reading
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.seconds
+
+    @property
+    def cores(self) -> float:
+        """Cores the reading had on average: below the processes it ran, the machine was busy."""
+        return self.cpu_s / self.seconds
+
+
+def read_folder(folder: Path, workers: int) -> Reading:
+    """Headers and pixels of every file read as predict reads them, timed."""
     from ich_tune.data.folder import decode, readers, scan
 
     started = time.perf_counter()
     with readers(workers) as run:
         list(run(abs, [0] * workers))  # every worker up
-        ready = time.perf_counter()
+        ready, cpu = time.perf_counter(), cpu_seconds()
         found = scan(folder, run)
         decoded = sum(not isinstance(result, str)
                       for _, result in decode(found.images, CHANNELS, SIZE, run))
-    return decoded, ready - started, time.perf_counter() - ready
+        return Reading(decoded, ready - started, time.perf_counter() - ready, cpu_seconds() - cpu)
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its live children (the pool's workers), from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = time.process_time()
+    for child in multiprocessing.active_children():
+        fields = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return total
 
 
 def cpu_pressure() -> float | None:
@@ -91,9 +120,8 @@ def cpu_pressure() -> float | None:
 
 
 def table(f: dict) -> str:
-    single, pooled = f["single_images_per_s"], f["pooled_images_per_s"]
     passed = "PASS" if f["speedup"] >= TARGET_SPEEDUP else "FAIL"
-    pool = f"pool of {f['workers']} processes"
+    ways = (("one process", "single"), (f"pool of {f['workers']} processes", "pooled"))
     return "\n".join([
         f"predict's reading: {f['images']:,} synthetic 512x512 slices -> 3 windows at {SIZE}x{SIZE}, "
         f"headers included; page cache warm; best of {f['rounds']} rounds",
@@ -101,10 +129,10 @@ def table(f: dict) -> str:
         f"before, {f['load_average'][1]:.1f} after; CPU pressure {_percent(f['cpu_pressure_percent'][0])} "
         f"before, {_percent(f['cpu_pressure_percent'][1])} after (shared with other work)",
         "",
-        f"{'':<40}{'images/s':>10}",
-        f"{'one process':<40}{single:>10,.0f}",
-        f"{pool:<40}{pooled:>10,.0f}",
-        f"pool start-up (once per run): {f['pool_start_s']:.1f} s",
+        f"{'':<40}{'images/s':>10}{'cores busy':>14}{'CPU ms/image':>16}",
+        *(f"{name:<40}{f[way + '_images_per_s']:>10,.0f}{f[way + '_cores_busy']:>14.2f}"
+          f"{f[way + '_cpu_ms_per_image']:>16.1f}" for name, way in ways),
+        f"pool start-up, the forkserver's included (once per run): {f['pool_start_s']:.1f} s",
         "",
         f"pool vs one process: {f['speedup']:.2f}x (target >= {TARGET_SPEEDUP}x)  {passed}",
     ])
