@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import itertools
 import math
 import os
 import signal
@@ -25,7 +26,7 @@ import ray
 import yaml
 from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
@@ -142,18 +143,51 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
 def make_scheduler(config: SearchConfig, budget: int):
     if config.scheduler.name == "fifo":
         return FIFOScheduler()
+    if config.scheduler.name == "median":  # min_time_slice = budget: a trial short of peers to compare
+        # with runs on rather than pausing for others, which would restart it from its checkpoint
+        return MedianStoppingRule(time_attr="step", grace_period=config.scheduler.grace_period,
+                                  min_time_slice=budget)
     return ASHAScheduler(time_attr="step", max_t=budget, grace_period=config.scheduler.grace_period,
                          reduction_factor=config.scheduler.reduction_factor)
 
 
-def make_search_alg(config: SearchConfig, budget: int):
+def make_search_alg(config: SearchConfig, budget: int, search: Search | None = None):
     if config.search_alg.name == "optuna":
         from optuna.samplers import TPESampler
 
         return PruningOptunaSearch(sampler=TPESampler(seed=config.search_alg.seed), budget=budget)
+    shuffled = search is not None and config.search_alg.name == "shuffled"
     # Tune applies max_concurrent_trials to Searchers (Optuna) only; the variant generator takes it itself
     return BasicVariantGenerator(random_state=config.search_alg.seed,
-                                 max_concurrent=config.max_concurrent_trials or 0)
+                                 max_concurrent=config.max_concurrent_trials or 0,
+                                 points_to_evaluate=shuffled_grid(search) if shuffled else None)
+
+
+def shuffled_grid(search: Search) -> list[dict]:
+    """Every grid point, once per sample, in a random order (seeded): with the grid's own order, the
+    first trials pass ASHA's rungs only because no one has reached them yet. Ray runs each point
+    as one trial, so the search needs num_samples = len(points) (see trial_count)."""
+    import random
+
+    grid = [d for d in search.dimensions if d.kind == "grid_search"]
+    points = []
+    for values in itertools.product(*(d.args for d in grid)):
+        point: dict = {}  # nested like the param space: {"optimizer": {"lr": 0.001}, ...}
+        for dim, value in zip(grid, values, strict=True):
+            *parents, last = dim.path.split(".")
+            node = point
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[last] = value
+        points.append(point)
+    points *= search.config.num_samples
+    random.Random(search.config.search_alg.seed).shuffle(points)
+    return points
+
+
+def trial_count(search: Search) -> int:
+    """Tune's num_samples: a shuffled grid hands Ray each of its trials as a point of its own."""
+    return search.num_trials if search.config.search_alg.name == "shuffled" else search.config.num_samples
 
 
 def absolute_paths(tree: dict, data_root: Path | None) -> dict:
@@ -331,8 +365,8 @@ def _run(search: Search, options: RunOptions, run_dir: str, local: Path, log) ->
             trainable,
             param_space=to_param_space(experiment, search.dimensions),
             tune_config=tune.TuneConfig(
-                metric=config.metric, mode=config.mode, num_samples=config.num_samples,
-                scheduler=make_scheduler(config, budget), search_alg=make_search_alg(config, budget),
+                metric=config.metric, mode=config.mode, num_samples=trial_count(search),
+                scheduler=make_scheduler(config, budget), search_alg=make_search_alg(config, budget, search),
                 max_concurrent_trials=config.max_concurrent_trials),
             run_config=tune.RunConfig(
                 name=storage.name_of(run_dir), storage_path=storage.parent(run_dir),

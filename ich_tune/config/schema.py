@@ -142,14 +142,14 @@ class ExperimentConfig:
 
 @dataclass
 class SchedulerConfig:
-    name: Literal["asha", "fifo"] = "asha"
+    name: Literal["asha", "fifo", "median"] = "asha"  # median: Ray's median stopping rule
     grace_period: int = bounded(2000, 1)  # training steps before a trial can be stopped
     reduction_factor: float = bounded(3, 1.01)
 
 
 @dataclass
 class SearchAlgConfig:
-    name: Literal["grid", "random", "optuna"] = "grid"
+    name: Literal["grid", "shuffled", "random", "optuna"] = "grid"  # shuffled: the grid in a random order
     seed: int | None = bounded(0, 0)
 
 
