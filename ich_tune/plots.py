@@ -277,6 +277,27 @@ def training_curves(history: list[dict]) -> bytes:
     return _png(fig)
 
 
+def best_so_far(curves: dict[str, tuple[list[float], list[float]]], metric: str, mode: str,
+                reference: float | None = None) -> bytes:
+    """The best metric found so far against training steps spent so far, one line per search
+    variant (name -> (cumulative steps, metric after each validation)): which reaches a good model
+    for the least compute. `reference` (the full grid's best) is drawn as a dashed line."""
+    better = np.fmax.accumulate if mode == "max" else np.fmin.accumulate
+    fig = Figure(figsize=(8, 5), dpi=DPI)
+    ax = fig.subplots()
+    for name, (steps, values) in curves.items():
+        if len(steps):
+            ax.step(steps, better(np.asarray(values, float)), where="post", linewidth=1.6, label=name)
+    if reference is not None:
+        ax.axhline(reference, label="full grid's best", **_BASELINE)
+    ax.set_xlabel("training steps spent (all trials)", fontsize=10)
+    ax.set_ylabel(f"best {metric} so far", fontsize=10)
+    ax.legend(fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def png_to_array(data: bytes) -> np.ndarray:
     """[H, W, 3] uint8 pixels of PNG bytes, e.g. for TensorBoard's add_image(dataformats="HWC")."""
     with Image.open(io.BytesIO(data)) as image:
