@@ -50,6 +50,9 @@ def start_ray(options: RunOptions, log=print) -> None:
     except (AuthenticationError, ConnectionError) as err:
         if refused_token(err):
             raise UserError(token_message(address or "the local cluster", err)) from None
+        if address:
+            raise UserError(f"{err}: check --address (or RAY_ADDRESS), and that the cluster's head is up "
+                            "(`ray status` on it).") from None
         raise
     url = context.dashboard_url
     if url:

@@ -87,24 +87,31 @@ def _prepare_here(variants: list[DataConfig], cpus: int) -> list[tuple[str, str]
 
 @ray.remote(num_cpus=0)
 class _Preparer:
-    """Starts each node's preparation once, and answers everyone who waits for it."""
+    """Starts the preparation of each cache on each node once, and answers everyone who waits for it.
 
-    def __init__(self, variants: list[DataConfig]) -> None:
-        self.variants = variants
-        self.runs: dict[str, ray.ObjectRef] = {}
+    One per driver (a named actor, in the driver's own namespace): searches run one after another in
+    one process share it rather than each leaving an idle actor behind."""
 
-    async def ready(self, node_id: str) -> NodeCaches:
+    def __init__(self) -> None:
+        self.runs: dict[tuple[str, str], ray.ObjectRef] = {}  # (node id, cache identity) -> its task
+
+    async def ready(self, node_id: str, variants: list[DataConfig]) -> NodeCaches:
         node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
         name = f"{node['NodeManagerAddress']} ({node_id[:8]})"
-        if node_id not in self.runs:
+        missing = [data for data in variants if (node_id, cache_identity(data)) not in self.runs]
+        if missing:
             there = NodeAffinitySchedulingStrategy(node_id, soft=False)
             cpus = max(1, int(node["Resources"].get("CPU", 1)))
-            self.runs[node_id] = _prepare_here.options(scheduling_strategy=there).remote(self.variants, cpus)
+            run = _prepare_here.options(scheduling_strategy=there).remote(missing, cpus)
+            self.runs |= {(node_id, cache_identity(data)): run for data in missing}
+        paths: dict[str, str] = {}
         try:
-            return NodeCaches(name, dict(await self.runs[node_id]))
+            for run in {self.runs[node_id, cache_identity(data)] for data in variants}:
+                paths |= dict(await run)
         except ray.exceptions.RayError as err:  # the task's own error, or its node or worker died
             cause = getattr(err, "cause", None) or err
             return NodeCaches(name, {}, str(cause).strip().splitlines()[0])
+        return NodeCaches(name, paths)
 
 
 class DataOnNodes:
@@ -112,24 +119,26 @@ class DataOnNodes:
 
     def __init__(self, variants: list[DataConfig]) -> None:
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self.preparer = _Preparer.options(scheduling_strategy=here).remote(variants)
-        self.count = len(variants)
+        self.preparer = _Preparer.options(name="ich_tune-data", get_if_exists=True,
+                                          scheduling_strategy=here).remote()
+        self.variants = variants
 
     def prepare(self, resources: dict[str, float], log=print) -> None:
         """Before the search: every alive node with room for one trial of `resources` ({cpu, gpu})."""
         nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]
                  and n["Resources"].get("CPU", 0) >= resources["cpu"]
                  and n["Resources"].get("GPU", 0) >= resources["gpu"]]
-        log(f"data: preparing {self.count} cache{'s' if self.count > 1 else ''} on each of {len(nodes)} "
-            "node(s) that can run trials")
-        for caches in ray.get([self.preparer.ready.remote(node) for node in nodes]):
+        count = len(self.variants)
+        log(f"data: preparing {count} cache{'s' if count > 1 else ''} on each of {len(nodes)} node(s) that "
+            "can run trials")
+        for caches in ray.get([self.preparer.ready.remote(node, self.variants) for node in nodes]):
             if caches.error:
                 raise UserError(f"data on node {caches.node}: {caches.error}")
             log(f"data: node {caches.node} ready: {', '.join(sorted(set(caches.paths.values())))}")
 
     def cache_for(self, data: DataConfig) -> Path:
         """In a trial: this node's cache for `data`, once the node is prepared. Never builds one."""
-        caches = ray.get(self.preparer.ready.remote(ray.get_runtime_context().get_node_id()))
+        caches = ray.get(self.preparer.ready.remote(ray.get_runtime_context().get_node_id(), self.variants))
         missing = f"no preprocessed data on node {caches.node}"
         if caches.error:
             raise RuntimeError(f"{missing}: preparing it failed: {caches.error}")

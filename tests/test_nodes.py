@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -80,23 +81,43 @@ def two_nodes(tmp_path_factory) -> Iterator[TwoNodes]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@pytest.mark.slow  # the first starts the two nodes
-@pytest.mark.parametrize("token", ["wrong", "missing"])
-def test_a_refused_token_is_one_message(two_nodes, tiny_rsna, tmp_path, token):
+@pytest.mark.slow  # it starts the two nodes
+def test_a_refused_token_is_one_message(two_nodes, tiny_rsna, tmp_path):
     space = write_space(tmp_path, tiny_rsna, experiment={"data": {"cache_dir": str(shared_cache(tiny_rsna))}})
-    env = {"RAY_AUTH_MODE": "token", "RAY_gcs_server_port_wait_time_s": "1"}  # one try: no 20 s of retries
-    if token == "wrong":
-        env["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
-    else:  # nothing in the environment, and no token file in the home folder
-        env |= {"RAY_AUTH_TOKEN": "", "HOME": str(tmp_path)}
+    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+           "RAY_gcs_server_port_wait_time_s": "1"}  # one try, not 20 s of them
     with Cli("run", str(space), "--address", two_nodes.address, log=tmp_path / "run.log", env=env) as run:
         status = run.wait(180)
     errors = [line for line in run.output.splitlines() if line.startswith("error:")]
     assert status == 2, run.output
     assert "Traceback" not in run.output
-    assert len(errors) == 1 and "RAY_AUTH_TOKEN" in errors[0] and "auth_token" in errors[0], run.output
-    assert f"Ray at {two_nodes.address}" in errors[0]
-    assert ("no token was found" if token == "missing" else "refused the token") in errors[0]
+    assert len(errors) == 1, run.output
+    assert errors[0].startswith(f"error: Ray at {two_nodes.address} requires its authentication token and it "
+                                "refused the token sent (RAY_AUTH_MODE is token).")
+    assert "RAY_AUTH_TOKEN" in errors[0] and "auth_token" in errors[0]
+
+
+def test_a_missing_token_is_one_message(tmp_path):
+    """Token mode on and no token anywhere: Ray refuses before it connects, so no cluster is needed."""
+    address = f"127.0.0.1:{free_port()}"
+    code = textwrap.dedent("""
+        import sys, types
+        from ich_tune.cluster import start_ray
+        from ich_tune.errors import UserError
+        try:
+            start_ray(types.SimpleNamespace(address=sys.argv[1], dashboard_port=None, num_gpus=None))
+        except UserError as err:
+            sys.exit(str(err))
+        """)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "", "HOME": str(tmp_path)}  # no file
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    done = subprocess.run([sys.executable, "-c", code, address], env=env, capture_output=True, text=True,
+                          timeout=120, start_new_session=True)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    message = done.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"Ray at {address} requires its authentication token and no token was found "
+                              "(RAY_AUTH_MODE is token)."), done.stderr
+    assert f"{tmp_path}/.ray/auth_token" in message and "RAY_AUTH_TOKEN" in message
 
 
 @pytest.mark.slow
