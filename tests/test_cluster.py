@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from ich_tune import storage
+from ich_tune.errors import UserError
 from ich_tune.tracking import TAG_NODE, TAG_RESTARTS, TAG_TRIAL_ID, child_runs
 from ich_tune.train import CHECKPOINT_FILE
 from tests.conftest import Cli, shared_cache, write_space
@@ -41,6 +43,8 @@ CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing
 
 @dataclass
 class ClusterSearch:
+    space: Path
+    storage: str  # the bucket's URI, its endpoint in the query
     tracking_uri: str
     s3: dict
     head: str  # node ids
@@ -76,21 +80,21 @@ def cluster_search(tiny_rsna, tmp_path_factory) -> ClusterSearch:
             nodes.wait_for_nodes()
             url, s3 = (started.result() for started in starting)
             host = s3["endpoint"].removeprefix("http://")
-            storage = f"s3://{s3['bucket']}/searches?endpoint_override={host}&scheme=http"
+            bucket_uri = f"s3://{s3['bucket']}/searches?endpoint_override={host}&scheme=http"
             space = write_space(folder, tiny_rsna, experiment={
                 "data": {"cache_dir": str(shared_cache(tiny_rsna))},
                 "optimizer": {"lr": {"grid_search": [0.003, 0.01, 0.03]}}},
                 name="cluster", scheduler={"name": "fifo"}, num_train_steps=STEPS, val_interval=VAL_INTERVAL)
             client = MlflowClient(url)
-            with Cli("run", str(space), "--address", nodes.address, "--storage", storage,
+            with Cli("run", str(space), "--address", nodes.address, "--storage", bucket_uri,
                      "--tracking-uri", url, "--local-dir", str(folder / "local"), "--name", "two",
                      log=folder / "run.log", env={**CREDENTIALS, **LOOPBACK}) as cli:
                 moved = wait_for(lambda: _checkpointed_on(client, worker.node_id), cli, 300)
                 nodes.remove_node(worker, allow_graceful=False)
                 status = cli.wait(300)
             keys = bucket_keys(s3)
-            yield ClusterSearch(url, s3, nodes.head_node.node_id, worker.node_id, moved, status, cli.output,
-                                keys, trial_results(s3, keys))
+            yield ClusterSearch(space, bucket_uri, url, s3, nodes.head_node.node_id, worker.node_id, moved,
+                                status, cli.output, keys, trial_results(s3, keys))
         finally:
             nodes.shutdown()
 
@@ -170,6 +174,19 @@ def test_a_lost_worker_node_moves_its_trials_to_the_node_left(cluster_search):
         assert steps == list(range(VAL_INTERVAL, STEPS + 1, VAL_INTERVAL))  # each validation logged once
     print(f"\nworker {search.worker[:8]} removed; its checkpointed trials finished on the head: "
           f"{sorted(run.data.tags[TAG_TRIAL_ID] for run in moved)}")
+
+
+def test_resume_finds_the_run_in_the_bucket_through_ray(cluster_search):
+    from ich_tune.config import load_search
+    from ich_tune.search import RunOptions, resolve_run_dir
+
+    bucket = f"storage={json.dumps(cluster_search.storage)}"
+    search = load_search(cluster_search.space, [bucket])
+    found = resolve_run_dir(search, RunOptions(resume=True))
+    assert found == storage.join(cluster_search.storage, "cluster", "two")
+    other = load_search(cluster_search.space, [bucket, "name=other"])
+    with pytest.raises(UserError, match=r"--resume: no search to resume under s3://ich-tune/searches/other"):
+        resolve_run_dir(other, RunOptions(resume=True))
 
 
 def _stop(server, started) -> None:
