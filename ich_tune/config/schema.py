@@ -174,8 +174,8 @@ class SearchConfig:
     num_val_steps: int | None = bounded(None, 1)  # overrides experiment train.val_batches
     val_interval: int | None = bounded(None, 1)  # overrides experiment train.val_interval
     randomize_seed: bool = False  # a random seed per trial instead of the experiment's seed
-    storage: str = "runs"  # Ray results, MLflow database and cache live under here
-    tracking_uri: str | None = None  # default: sqlite:///<storage>/mlflow.db
+    storage: str = "runs"  # trial folders and checkpoints: a folder, or a URI Ray writes (s3://, gs://)
+    tracking_uri: str | None = None  # default: sqlite:///<storage, or run --local-dir for a URI>/mlflow.db
     registered_model: str | None = None  # the best model's registered name; default the search name, "" none
     keep_checkpoints: int = bounded(2, 1)
     max_failures: int = bounded(2, 0)  # retries of a failed trial from its last checkpoint
