@@ -321,8 +321,8 @@ def _run(search: Search, options: RunOptions, run_dir: str, local: Path, log) ->
                                    local / "init_weights" / search.name)
     first = search.trial_experiment(search.first_values, experiment)
     budget = first.train.max_steps  # ASHA's max_t; load_search made sure there is one
+    variants = data_variants(search, experiment)  # each node's caches, prepared once Ray is up
     cache = prepare_cache(first.data, log)  # the driver's own, for the best trial's plots
-    variants = data_variants(search, experiment)  # each node's, once Ray is up
 
     start_ray(options, log)
     resources = {"cpu": config.resources.cpu, "gpu": config.resources.gpu}
