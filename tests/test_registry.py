@@ -235,3 +235,18 @@ def test_a_registered_model_name_that_breaks_models_uris_is_refused(tiny_rsna, t
                                           "registered model"):
         load_search(space)
     assert load_search(space, ["registered_model=''"]).config.registered_model == ""
+
+
+def test_run_flags_name_the_registered_model_or_none(tiny_rsna, tmp_path):
+    from ich_tune.cli import build_parser
+
+    space = write_space(tmp_path, tiny_rsna, registered_model="from-file")
+
+    def registered(*flags: str) -> str | None:
+        args = build_parser().parse_args(["run", str(space), *flags])
+        return load_search(args.file, args.overrides).config.registered_model
+
+    assert registered() == "from-file"
+    assert registered("--registered-model", "ich-demo", "--set", "model.dropout=0.2") == "ich-demo"
+    assert registered("--no-register") == ""
+    assert registered("--registered-model", "") == ""
