@@ -94,6 +94,9 @@ def scan(root: Path, run: Runner) -> Folder:
     """Every file under `root` classified by its header: an image, unreadable, or not DICOM."""
     root = Path(root)
     paths = list_files(root)
+    if not paths:
+        raise DataError(f"{root}: an empty folder; point --dicom-dir at a folder of CT slices, e.g. a "
+                        "study export or Kaggle's stage_2_test/.")
     images, unreadable, skipped = [], {}, {}
     chunks = [[str(p) for p in paths[start:start + HEADER_CHUNK]]
               for start in range(0, len(paths), HEADER_CHUNK)]
