@@ -17,3 +17,75 @@ def test_bench_packing_without_a_gpu_says_so():
                             capture_output=True, text=True)
     assert result.returncode == 2 and "needs a CUDA GPU" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_bench_search_runs_each_variant_as_a_real_search(tiny_rsna, tmp_path):
+    """The grid, and ASHA over the grid in a shuffled order, on a 4-trial space: the shuffled variant
+    runs every grid point once per sample, every figure adds up, the plot reaches disk and MLflow."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import Cli, write_space
+
+    space = write_space(tmp_path, tiny_rsna, experiment={"optimizer": {"lr": {"grid_search": [0.003, 1e-6]}}},
+                        num_samples=2, metric="val_accuracy", mode="max")
+    figures_file = tmp_path / "figures.json"
+    with Cli("bench", "search", "--space", str(space), "--storage", str(tmp_path / "bench"),
+             "--variants", "asha-shuffled", "--json", str(figures_file), log=tmp_path / "log") as cli:
+        assert cli.wait(600) == 0, cli.output[-3000:]
+    assert "Traceback" not in cli.output
+    figures = json.loads(figures_file.read_text())
+    grid, shuffled = figures["variants"]["grid"], figures["variants"]["asha-shuffled"]
+    assert grid["trials"] == shuffled["trials"] == 4
+    assert grid["steps"] == 4 * 6 and grid["steps_ratio"] == 1 and grid["stopped_early"] == 0
+    points = sorted(json.dumps(p, sort_keys=True) for p in grid["trial_params"])
+    assert sorted(json.dumps(p, sort_keys=True) for p in shuffled["trial_params"]) == points
+    for f in (grid, shuffled):
+        assert f["steps"] <= grid["steps"] and f["steps_ratio"] == f["steps"] / grid["steps"]
+        assert f["gap"] == abs(f["best"] - grid["best"])
+        assert f["efficiency"] > 0 and f["busy_s"] <= f["concurrency"] * f["wall_s"] * 1.05
+        assert f["curve"]["steps"] == sorted(f["curve"]["steps"]) and f["curve"]["steps"][-1] == f["steps"]
+        assert max(f["curve"]["values"]) == f["best"]
+        assert 0 <= f["best_auc_any"] <= 1 and f["best_log_loss"] > 0
+    assert "PASS" in cli.output or "FAIL" in cli.output
+    client = MlflowClient(f"sqlite:///{tmp_path / 'bench' / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("bench-search").experiment_id])
+    assert [a.path for a in client.list_artifacts(run.info.run_id) if a.path.endswith(".png")]
+    assert list((tmp_path / "bench").glob("best-so-far-*.png"))
+
+
+def test_bench_search_estimate_prices_a_search_before_running_it(tiny_rsna, tmp_path):
+    """--estimate: trials x steps x step time, scaled by the step fraction and the packing factor read
+    from earlier bench JSON; a step time measured on a CPU says so; unreadable input exits 2."""
+    import json
+    import re
+
+    from tests.conftest import write_space
+
+    space = write_space(tmp_path, tiny_rsna, experiment={"optimizer": {"lr": {"grid_search": [0.003, 0.01]}}},
+                        num_samples=3, resources={"cpu": 1, "gpu": 0.25})
+    (tmp_path / "search.json").write_text(json.dumps({"variants": {"asha": {"steps_ratio": 0.3}}}))
+    (tmp_path / "packing.json").write_text(json.dumps({"rows": [
+        {"trials": 1, "gpu": 1.0, "oom": False, "samples_per_s": 100.0},
+        {"trials": 4, "gpu": 0.25, "oom": False, "samples_per_s": 250.0}]}))
+
+    def estimate(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ich_tune", "bench", "search", "--estimate", str(space),
+                               *extra], cwd=ROOT, capture_output=True, text=True)
+
+    given = estimate("--step-time", "600", "--from-json", str(tmp_path / "search.json"),
+                     "--packing-json", str(tmp_path / "packing.json"))
+    assert given.returncode == 0, given.stderr
+    hours = [float(h) for h in re.findall(r"([\d.]+) GPU-hours", given.stdout)]
+    assert hours == pytest.approx([6 * 6 * 600 / 3600, 6 * 6 * 600 / 3600 * 0.3 / 2.5], abs=0.05)
+    assert "x2.50" in given.stdout
+
+    measured = estimate()
+    assert measured.returncode == 0, measured.stderr
+    if not torch.cuda.is_available():
+        assert "a CPU figure" in measured.stdout and "CPU-hours" in measured.stdout
+
+    missing = estimate("--step-time", "0.5", "--from-json", str(tmp_path / "none.json"))
+    assert missing.returncode == 2 and "none.json" in missing.stderr and "Traceback" not in missing.stderr
