@@ -181,7 +181,7 @@ def write_wide(path: Path, prediction: FolderPrediction) -> None:
 
 def study_rows(prediction: FolderPrediction) -> list[dict]:
     """One row per study, the most likely bleed first: images scored and unreadable, the highest
-    probability of `any` and the image that has it."""
+    probability of `any` and the image that has it. Studies with no image scored come last."""
     found = {image.file: image for image in prediction.folder.images}
     unreadable = Counter(found[file].study_uid for file in prediction.unreadable)
     members = defaultdict(list)
@@ -197,7 +197,7 @@ def study_rows(prediction: FolderPrediction) -> list[dict]:
             row.update(patient_id=image.patient_id, max_any=float(prediction.probs[best, -1]),
                        max_any_image=image.image_id, max_any_file=image.file)
         rows.append(row)
-    return sorted(rows, key=lambda row: -1.0 if row["max_any"] is None else -row["max_any"])
+    return sorted(rows, key=lambda row: (row["max_any"] is None, -(row["max_any"] or 0.0)))
 
 
 def save_predictions(prediction: FolderPrediction, out: Path, form: str | None = None, log=print) -> str:
@@ -218,7 +218,8 @@ def save_predictions(prediction: FolderPrediction, out: Path, form: str | None =
                                                              for row in studies]), "the study summary")
         unused = {**prediction.unreadable, **folder.skipped}
         _write(sibling(out, "skipped"), _csv(("file", "reason"), sorted(unused.items())), "the skipped files")
-        log(f"{len(prediction.images)} images of {len(studies)} studies -> {out}; per study: "
+        scored = sum(row["images"] > 0 for row in studies)
+        log(f"{len(prediction.images)} images of {scored} studies -> {out}; per study: "
             f"{sibling(out, 'studies')}")
         _show_studies(studies, log)
     _show_files(prediction.unreadable, "unreadable" + (", predicted at the training label rates"
