@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 
 from ich_tune import storage
 from ich_tune.errors import UserError
+from ich_tune.report import search_report
 from ich_tune.tracking import TAG_NODE, TAG_RESTARTS, TAG_TRIAL_ID, child_runs
 from ich_tune.train import CHECKPOINT_FILE
 from tests.conftest import Cli, shared_cache, write_space
@@ -132,6 +133,10 @@ def test_search_on_two_nodes_records_into_a_server_and_a_bucket(cluster_search, 
     print(f"parent run {parent.info.run_id}: {parent.info.artifact_uri}")
     for run in children:
         print(f"  trial {run.data.tags[TAG_TRIAL_ID]}: {run.info.artifact_uri}")
+
+    shown = search_report("cluster", tracking_uri=search.tracking_uri)
+    assert all(trial in shown for trial in trials) and "# best config" in shown
+    assert f"compare trials: open {search.tracking_uri}/#/experiments/{experiment.experiment_id}" in shown
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
