@@ -26,7 +26,7 @@ import ray
 import yaml
 from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule, TrialScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
@@ -140,13 +140,20 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
                          MESSAGE_KEY: one_line(str(err)), "seed": cfg.seed, NODE_KEY: node_id})
 
 
+class MedianStopping(MedianStoppingRule):
+    """Ray's median stopping rule without its time-slicing: a trial with too few peers to compare with
+    runs on, where Ray's would pause it for pending trials (and a paused trial restarts from its
+    checkpoint in a new process)."""
+
+    def _on_insufficient_samples(self, tune_controller, trial, time: float) -> str:
+        return TrialScheduler.CONTINUE
+
+
 def make_scheduler(config: SearchConfig, budget: int):
     if config.scheduler.name == "fifo":
         return FIFOScheduler()
-    if config.scheduler.name == "median":  # min_time_slice = budget: a trial short of peers to compare
-        # with runs on rather than pausing for others, which would restart it from its checkpoint
-        return MedianStoppingRule(time_attr="step", grace_period=config.scheduler.grace_period,
-                                  min_time_slice=budget)
+    if config.scheduler.name == "median":
+        return MedianStopping(time_attr="step", grace_period=config.scheduler.grace_period)
     return ASHAScheduler(time_attr="step", max_t=budget, grace_period=config.scheduler.grace_period,
                          reduction_factor=config.scheduler.reduction_factor)
 
