@@ -212,10 +212,13 @@ def estimate(args: argparse.Namespace) -> int:
     """The original's cost of a search beside ours, before running it."""
     from ich_tune.config import load_search
 
+    for flag, value in (("--step-time", args.step_time), ("--packing", args.packing)):
+        if value is not None and not value > 0:
+            raise UserError(f"{flag} {value:g}: must be a positive number.")
     search = load_search(args.estimate, args.overrides)
     budget = search.trial_experiment(search.first_values).train.max_steps
     trials = search.num_trials
-    if args.step_time:
+    if args.step_time is not None:
         step_time, where, unit = args.step_time, "given with --step-time", "GPU-hours"
     else:
         step_time, where, unit = measure_step_time(search)
@@ -249,7 +252,7 @@ def step_fraction(args: argparse.Namespace) -> tuple[float, str]:
 
 def packing_factor(args: argparse.Namespace, gpu: float) -> tuple[float, str]:
     """Aggregate throughput of one GPU shared by 1/gpu trials over one trial alone."""
-    if args.packing:
+    if args.packing is not None:
         return args.packing, "given with --packing"
     if not args.packing_json:
         return 1.0, "none assumed; pass --packing or --packing-json from bench packing"
