@@ -382,3 +382,15 @@ def test_cli_predict_picks_the_format_from_the_names(trained, tiny_rsna, nested_
                  "--workers", "1"]) == 0
     sample = read_rows(tiny_rsna / SUBMISSION_CSV)
     assert [r[0] for r in read_rows(out)] == [r[0] for r in sample]
+
+
+def test_kaggle_format_needs_one_file_per_image(trained, tmp_path):
+    _, model, config = trained
+    for name in ("a/IM1", "b/IM1"):  # one slice exported twice
+        (tmp_path / name).parent.mkdir()
+        shutil.copy(SAMPLES / "CT_small.dcm", tmp_path / name)
+    prediction = predict_dicom(model, config, tmp_path, workers=1)
+    with pytest.raises(UserError, match=r"2 files hold image 1\.3\.6.*\(a/IM1, b/IM1\).*--format wide"):
+        save_predictions(prediction, tmp_path / "kaggle.csv", "kaggle", log=quiet)
+    assert save_predictions(prediction, tmp_path / "wide.csv", log=quiet) == "wide"
+    assert [r["file"] for r in read_dicts(tmp_path / "wide.csv")] == ["a/IM1", "b/IM1"]
