@@ -158,12 +158,13 @@ def make_scheduler(config: SearchConfig, budget: int):
                          reduction_factor=config.scheduler.reduction_factor)
 
 
-def make_search_alg(config: SearchConfig, budget: int, search: Search | None = None):
+def make_search_alg(search: Search, budget: int):
+    config = search.config
     if config.search_alg.name == "optuna":
         from optuna.samplers import TPESampler
 
         return PruningOptunaSearch(sampler=TPESampler(seed=config.search_alg.seed), budget=budget)
-    shuffled = search is not None and config.search_alg.name == "shuffled"
+    shuffled = config.search_alg.name == "shuffled"
     # Tune applies max_concurrent_trials to Searchers (Optuna) only; the variant generator takes it itself
     return BasicVariantGenerator(random_state=config.search_alg.seed,
                                  max_concurrent=config.max_concurrent_trials or 0,
@@ -373,7 +374,7 @@ def _run(search: Search, options: RunOptions, run_dir: str, local: Path, log) ->
             param_space=to_param_space(experiment, search.dimensions),
             tune_config=tune.TuneConfig(
                 metric=config.metric, mode=config.mode, num_samples=trial_count(search),
-                scheduler=make_scheduler(config, budget), search_alg=make_search_alg(config, budget, search),
+                scheduler=make_scheduler(config, budget), search_alg=make_search_alg(search, budget),
                 max_concurrent_trials=config.max_concurrent_trials),
             run_config=tune.RunConfig(
                 name=storage.name_of(run_dir), storage_path=storage.parent(run_dir),

@@ -318,12 +318,13 @@ def test_optuna_searcher_tells_pruned_completed_and_failed_apart():
     from optuna.trial import TrialState
     from ray import tune
 
+    from ich_tune.config import Search
     from ich_tune.config.schema import SearchConfig
     from ich_tune.search import make_search_alg
 
     config = SearchConfig(metric="val_accuracy")
     config.search_alg.name = "optuna"
-    searcher = make_search_alg(config, budget=100)
+    searcher = make_search_alg(Search(Path("space.yaml"), config, {}, {}, []), budget=100)
     searcher.set_search_properties("val_accuracy", "max", {"lr": tune.loguniform(1e-4, 1e-1)})
     for trial_id in ("stopped", "finished", "failed", "diverged"):
         assert 1e-4 <= searcher.suggest(trial_id)["lr"] <= 1e-1
