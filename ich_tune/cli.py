@@ -141,7 +141,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         outcome = run_search(search, options)
     except Interrupted as stop:
-        print(f"\n{stop}\ncontinue it with:\n  {_resume_command(args, name_of(str(stop.run_dir)))}",
+        print(f"\n{stop}\ncontinue it with:\n  {_resume_command(args, name_of(stop.run_dir))}",
               file=sys.stderr)
         return 128 + stop.signal_number
     metric, mode = search.config.metric, search.config.mode

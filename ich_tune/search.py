@@ -44,6 +44,7 @@ from ich_tune.trials import (
     ENDED_KEY,
     ERROR,
     MESSAGE_KEY,
+    NODE_KEY,
     TrialOutcome,
     best_of,
     how_it_ended,
@@ -52,7 +53,6 @@ from ich_tune.trials import (
 )
 
 PID_FILE = "worker.pid"  # in each trial's folder: the process that trains it, on its node
-NODE_KEY = "node_id"  # in each trial result: the Ray node that trained it
 
 
 @dataclass
@@ -294,7 +294,7 @@ def resolve_run_dir(search: Search, options: RunOptions) -> str:
 
 @dataclass
 class SearchOutcome:
-    run_dir: Path | str  # a local folder, or a URI
+    run_dir: str  # a local folder, or a URI
     parent_run_id: str
     tracking_uri: str
     trials: list[TrialOutcome]
@@ -396,7 +396,7 @@ def _run(search: Search, options: RunOptions, run_dir: str, local: Path, log) ->
     if stop.signal is not None:
         tracking.end_unfinished(client, parent_id, "KILLED")
         raise Interrupted(f"search stopped by {signal.Signals(stop.signal).name}; its state is saved in "
-                          f"{run_dir}", stop.signal, storage.as_path(run_dir))
+                          f"{run_dir}", stop.signal, run_dir)
     trials = summarize(results, search, budget)
     best = best_of(trials, config.mode)
     # a checkpoint may sit in a bucket: Ray fetches it into a local folder (or hands over its own)
@@ -407,7 +407,7 @@ def _run(search: Search, options: RunOptions, run_dir: str, local: Path, log) ->
             else config.registered_model)
     for line in published.lines() if published else []:
         log(line)
-    return SearchOutcome(storage.as_path(run_dir), parent_id, uri, trials, best)
+    return SearchOutcome(run_dir, parent_id, uri, trials, best)
 
 
 def summarize(results, search: Search, budget: int) -> list[TrialOutcome]:

@@ -53,11 +53,6 @@ def name_of(location: str) -> str:
     return posixpath.basename(urlsplit(location).path if is_uri(location) else location)
 
 
-def as_path(location: str) -> Path | str:
-    """A local folder as a Path (to glob and open), a URI as it is."""
-    return location if is_uri(location) else Path(location)
-
-
 def filesystem(location: str) -> tuple[pyarrow.fs.FileSystem, str]:
     """pyarrow's filesystem for `location` and the path on it, as Ray resolves them."""
     try:

@@ -28,6 +28,7 @@ from ich_tune.trials import (
     ENDED_KEY,
     ERROR,
     MESSAGE_KEY,
+    NODE_KEY,
     TrialOutcome,
     checkpoint_uri,
     how_it_ended,
@@ -187,9 +188,9 @@ class MlflowTrials(tune.Callback):
             metrics = [Metric(k, v, now, step) for k, v in {**numeric(result), "step": step}.items()]
             self.client.log_batch(self.runs[trial.trial_id], metrics=metrics)
         self.last_step[trial.trial_id] = max(step, self.last_step.get(trial.trial_id, -1))
-        if result.get("node_id") and result["node_id"] != self.nodes.get(trial.trial_id):
-            self.client.set_tag(self.runs[trial.trial_id], TAG_NODE, result["node_id"])
-            self.nodes[trial.trial_id] = result["node_id"]
+        if result.get(NODE_KEY) and result[NODE_KEY] != self.nodes.get(trial.trial_id):
+            self.client.set_tag(self.runs[trial.trial_id], TAG_NODE, result[NODE_KEY])
+            self.nodes[trial.trial_id] = result[NODE_KEY]
 
     def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
         """The trial's example grid (written at its plot interval) goes to its run."""

@@ -19,6 +19,7 @@ FINISHED, STOPPED_EARLY, DIVERGED, ERROR = "finished", "stopped early", "diverge
 COMPLETED = (FINISHED, STOPPED_EARLY)  # trials whose checkpoints are models worth keeping
 ENDED_KEY = "ended"  # in a trial's last result: DIVERGED or ERROR when the trial ended itself
 MESSAGE_KEY = "message"  # ... with the reason, one line
+NODE_KEY = "node_id"  # in each trial result: the Ray node that trained it
 URI_SCHEMES = {"gcs": "gs"}  # pyarrow's filesystem names whose URI scheme differs
 
 

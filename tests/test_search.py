@@ -105,7 +105,7 @@ def test_search_records_every_trial_and_the_best_model(optuna_search, tmp_path):
     with torch.no_grad():
         expected = torch.sigmoid(best(batch)).numpy()
     np.testing.assert_allclose(model.predict(batch.numpy()).to_numpy(), expected, rtol=1e-6)
-    logged = {p.parent.parent for p in outcome.run_dir.glob("*/tensorboard/events.out.tfevents.*")}
+    logged = {p.parent.parent for p in Path(outcome.run_dir).glob("*/tensorboard/events.out.tfevents.*")}
     assert len(logged) == 2  # a TensorBoard log in each trial's folder
 
 
