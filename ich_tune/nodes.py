@@ -105,12 +105,15 @@ class _Preparer:
             run = _prepare_here.options(scheduling_strategy=there).remote(missing, cpus)
             self.runs |= {(node_id, cache_identity(data)): run for data in missing}
         paths: dict[str, str] = {}
-        try:
-            for run in {self.runs[node_id, cache_identity(data)] for data in variants}:
+        for run in {self.runs[node_id, cache_identity(data)] for data in variants}:
+            try:
                 paths |= dict(await run)
-        except ray.exceptions.RayError as err:  # the task's own error, or its node or worker died
-            cause = getattr(err, "cause", None) or err
-            return NodeCaches(name, {}, str(cause).strip().splitlines()[0])
+            except ray.exceptions.RayError as err:  # the task's own error, or its node or worker died
+                # forgotten, so that the next ask prepares again once the cause (a full disk, a missing
+                # mount) is fixed, instead of failing every later trial on this node
+                self.runs = {key: other for key, other in self.runs.items() if other != run}
+                cause = getattr(err, "cause", None) or err
+                return NodeCaches(name, {}, str(cause).strip().splitlines()[0])
         return NodeCaches(name, paths)
 
 

@@ -183,6 +183,22 @@ def test_a_late_node_is_prepared_for_its_first_trial_which_never_builds(ray_clus
     assert complete_caches(Path(cfg.data.cache_dir)) == []
 
 
+def test_a_failed_preparation_is_tried_again_once_its_cause_is_fixed(ray_cluster, tiny_rsna, tiny_config,
+                                                                      tmp_path):
+    """Data missing when the node is prepared: the search stops with one message. Once the data is
+    there, the next ask prepares the node rather than repeating the old failure."""
+    from ich_tune.errors import UserError
+    from ich_tune.nodes import DataOnNodes
+
+    later = tmp_path / "later"
+    data = DataOnNodes([tiny_config(data={"root": str(later)}).data])
+    with pytest.raises(UserError, match=rf"^data on node .*{later}"):
+        data.prepare({"cpu": 1, "gpu": 0}, print)
+    shutil.copytree(tiny_rsna, later)
+    data.prepare({"cpu": 1, "gpu": 0}, print)
+    assert len(complete_caches(tmp_path / "cache")) == 1
+
+
 @pytest.mark.skipif(not Path("/proc/locks").is_file(), reason="needs Linux's /proc/locks")
 def test_two_processes_building_one_cache_at_once_leave_one_valid_cache(tiny_rsna, tmp_path):
     """Two `preprocess` processes start on a cache dir whose build lock is held, as by a third builder:
