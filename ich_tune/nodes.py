@@ -128,9 +128,16 @@ class DataOnNodes:
 
     def prepare(self, resources: dict[str, float], log=print) -> None:
         """Before the search: every alive node with room for one trial of `resources` ({cpu, gpu})."""
-        nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]
-                 and n["Resources"].get("CPU", 0) >= resources["cpu"]
+        alive = [n for n in ray.nodes() if n["Alive"]]
+        nodes = [n["NodeID"] for n in alive if n["Resources"].get("CPU", 0) >= resources["cpu"]
                  and n["Resources"].get("GPU", 0) >= resources["gpu"]]
+        if not nodes:  # Tune would wait forever for a node that fits
+            largest = max((n["Resources"] for n in alive), key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)))
+            cpu, gpu = largest.get("CPU", 0), largest.get("GPU", 0)
+            raise UserError(f"no node of this Ray cluster can run a trial: each asks for "
+                            f"{resources['cpu']:g} CPU and {resources['gpu']:g} GPU (resources.cpu, "
+                            f"resources.gpu); the largest node has {cpu:g} CPU and {gpu:g} GPU. Lower "
+                            "resources, or add a node that large.")
         count = len(self.variants)
         log(f"data: preparing {count} cache{'s' if count > 1 else ''} on each of {len(nodes)} node(s) that "
             "can run trials")

@@ -199,6 +199,16 @@ def test_a_failed_preparation_is_tried_again_once_its_cause_is_fixed(ray_cluster
     assert len(complete_caches(tmp_path / "cache")) == 1
 
 
+def test_a_trial_no_node_can_hold_is_one_message(ray_cluster, tiny_config):
+    """Tune would keep such a trial pending forever."""
+    from ich_tune.errors import UserError
+    from ich_tune.nodes import DataOnNodes
+
+    data = DataOnNodes([tiny_config().data])
+    with pytest.raises(UserError, match=r"asks for 64 CPU and 0 GPU .* the largest node has 2 CPU and 1 GPU"):
+        data.prepare({"cpu": 64, "gpu": 0}, print)
+
+
 @pytest.mark.skipif(not Path("/proc/locks").is_file(), reason="needs Linux's /proc/locks")
 def test_two_processes_building_one_cache_at_once_leave_one_valid_cache(tiny_rsna, tmp_path):
     """Two `preprocess` processes start on a cache dir whose build lock is held, as by a third builder:
