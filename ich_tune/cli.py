@@ -134,10 +134,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     search = load_search(args.file, [*args.overrides, *storage])
     options = RunOptions(data_root=args.data_root, address=args.address, resume=args.resume,
                          tracking_uri=args.tracking_uri, name=args.name, num_gpus=args.num_gpus,
-                         dashboard_port=args.dashboard_port, local_dir=args.local_dir)
+                         dashboard_port=args.dashboard_port, local_dir=args.local_dir, rescan=args.rescan)
     started = time.perf_counter()
-    if args.rescan:  # the full check, remembered: the search's own look-up then finds its result
-        _rescan(search, args.data_root)
     try:
         outcome = run_search(search, options)
     except Interrupted as stop:
@@ -158,15 +156,6 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"trials.csv, model (mlflow.pyfunc.load_model('runs:/{outcome.parent_run_id}/model'))")
     print(f"  compare trials: {ui_hint(outcome.tracking_uri)}")
     return 0 if any(t.status in COMPLETED for t in outcome.trials) else 1
-
-
-def _rescan(search, data_root: Path | None) -> None:
-    """Check every file of the first trial's data (what the search prepares before its trials)."""
-    from ich_tune.data.prepare import prepare_cache
-    from ich_tune.search import absolute_paths
-
-    first = search.trial_experiment(search.first_values, absolute_paths(search.experiment, data_root))
-    prepare_cache(first.data, rescan=True)
 
 
 def _resume_command(args: argparse.Namespace, run_name: str) -> str:

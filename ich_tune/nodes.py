@@ -76,12 +76,14 @@ class NodeCaches:
 
 
 @ray.remote(num_cpus=0, max_retries=0)
-def _prepare_here(variants: list[DataConfig], cpus: int) -> list[tuple[str, str]]:
+def _prepare_here(variants: list[DataConfig], cpus: int, rescan: bool) -> list[tuple[str, str]]:
     """Every cache on the node this task is pinned to, one after another, each with that node's cores
-    (Ray's count, which a container's limit sets, unlike os.cpu_count) unless data.workers says.
+    (Ray's count, which a container's limit sets, unlike os.cpu_count) unless data.workers says;
+    `rescan` (run --rescan) checks every file of the data on each node.
 
     It asks Ray for no CPU: on a node that joined late, waiting trials already hold them all."""
-    built = [prepare_cache(dataclasses.replace(data, workers=data.workers or cpus)) for data in variants]
+    built = [prepare_cache(dataclasses.replace(data, workers=data.workers or cpus), rescan=rescan)
+             for data in variants]
     return [(cache_identity(data), str(path)) for data, path in zip(variants, built, strict=True)]
 
 
@@ -95,14 +97,14 @@ class _Preparer:
     def __init__(self) -> None:
         self.runs: dict[tuple[str, str], ray.ObjectRef] = {}  # (node id, cache identity) -> its task
 
-    async def ready(self, node_id: str, variants: list[DataConfig]) -> NodeCaches:
+    async def ready(self, node_id: str, variants: list[DataConfig], rescan: bool) -> NodeCaches:
         node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
         name = f"{node['NodeManagerAddress']} ({node_id[:8]})"
         missing = [data for data in variants if (node_id, cache_identity(data)) not in self.runs]
         if missing:
             there = NodeAffinitySchedulingStrategy(node_id, soft=False)
             cpus = max(1, int(node["Resources"].get("CPU", 1)))
-            run = _prepare_here.options(scheduling_strategy=there).remote(missing, cpus)
+            run = _prepare_here.options(scheduling_strategy=there).remote(missing, cpus, rescan)
             self.runs |= {(node_id, cache_identity(data)): run for data in missing}
         paths: dict[str, str] = {}
         for run in {self.runs[node_id, cache_identity(data)] for data in variants}:
@@ -120,11 +122,12 @@ class _Preparer:
 class DataOnNodes:
     """The handle trials get (through tune.with_parameters) to the coordinator of every node's caches."""
 
-    def __init__(self, variants: list[DataConfig]) -> None:
+    def __init__(self, variants: list[DataConfig], rescan: bool = False) -> None:
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.preparer = _Preparer.options(name="ich_tune-data", get_if_exists=True,
                                           scheduling_strategy=here).remote()
         self.variants = variants
+        self.rescan = rescan  # each node checks every file of its data once, when it is prepared
 
     def prepare(self, resources: dict[str, float], log=print) -> None:
         """Before the search: every alive node with room for one trial of `resources` ({cpu, gpu})."""
@@ -141,14 +144,16 @@ class DataOnNodes:
         count = len(self.variants)
         log(f"data: preparing {count} cache{'s' if count > 1 else ''} on each of {len(nodes)} node(s) that "
             "can run trials")
-        for caches in ray.get([self.preparer.ready.remote(node, self.variants) for node in nodes]):
+        asks = [self.preparer.ready.remote(node, self.variants, self.rescan) for node in nodes]
+        for caches in ray.get(asks):
             if caches.error:
                 raise UserError(f"data on node {caches.node}: {caches.error}")
             log(f"data: node {caches.node} ready: {', '.join(sorted(set(caches.paths.values())))}")
 
     def cache_for(self, data: DataConfig) -> Path:
         """In a trial: this node's cache for `data`, once the node is prepared. Never builds one."""
-        caches = ray.get(self.preparer.ready.remote(ray.get_runtime_context().get_node_id(), self.variants))
+        node_id = ray.get_runtime_context().get_node_id()
+        caches = ray.get(self.preparer.ready.remote(node_id, self.variants, self.rescan))
         missing = f"no preprocessed data on node {caches.node}"
         if caches.error:
             raise RuntimeError(f"{missing}: preparing it failed: {caches.error}")

@@ -65,6 +65,7 @@ class RunOptions:
     num_gpus: int | None = None  # logical GPUs declared when starting a local Ray
     dashboard_port: int | None = None  # default cluster.DASHBOARD_PORT
     local_dir: Path | None = None  # the driver's own files when storage is a URI; default ~/.cache/ich_tune
+    rescan: bool = False  # every node checks every file of each data variant rather than trusting its caches
 
 
 @dataclass
@@ -338,7 +339,7 @@ def _run(search: Search, options: RunOptions, run_dir: str, local: Path, log) ->
         log(f"warning: no GPU in this Ray cluster; trials run on CPU (resources.gpu {resources['gpu']:g} "
             "ignored)")
         resources["gpu"] = 0
-    data = DataOnNodes(variants)
+    data = DataOnNodes(variants, options.rescan)
     data.prepare(resources, log)  # on every node that can run a trial, before any starts
 
     local.mkdir(parents=True, exist_ok=True)

@@ -209,6 +209,23 @@ def test_a_trial_no_node_can_hold_is_one_message(ray_cluster, tiny_config):
         data.prepare({"cpu": 64, "gpu": 0}, print)
 
 
+def test_rescan_reaches_every_node(ray_cluster, tiny_rsna, tiny_config, tmp_path):
+    """run --rescan: a node's preparation checks every file, and sees one rewritten in place."""
+    from ich_tune.data.cache import find_dicom_files, open_cache
+    from ich_tune.data.prepare import prepare_cache
+    from ich_tune.nodes import DataOnNodes
+
+    root = shutil.copytree(tiny_rsna, tmp_path / "data")
+    for folder in (root, *root.rglob("*")):  # changed long ago: the cheap check trusts it
+        os.utime(folder, (time.time() - 60, time.time() - 60))
+    cfg = tiny_config(data={"root": str(root)})
+    old = open_cache(prepare_cache(cfg.data, print))
+    files = find_dicom_files(root)
+    shutil.copyfile(files[old.ids[1]], files[old.ids[0]])  # the folder's mtime stays: only a rescan sees it
+    DataOnNodes([cfg.data], rescan=True).prepare({"cpu": 1, "gpu": 0}, print)
+    assert len(complete_caches(tmp_path / "cache")) == 2
+
+
 @pytest.mark.skipif(not Path("/proc/locks").is_file(), reason="needs Linux's /proc/locks")
 def test_two_processes_building_one_cache_at_once_leave_one_valid_cache(tiny_rsna, tmp_path):
     """Two `preprocess` processes start on a cache dir whose build lock is held, as by a third builder:
