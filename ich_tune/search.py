@@ -35,7 +35,7 @@ from ich_tune.cluster import start_ray
 from ich_tune.config import Search, build_experiment
 from ich_tune.config.markers import to_param_space
 from ich_tune.config.schema import SearchConfig
-from ich_tune.data.prepare import prepare_cache
+from ich_tune.data.prepare import prepare_cache, resolve_root
 from ich_tune.errors import Interrupted, UserError
 from ich_tune.nodes import DataOnNodes, data_variants
 from ich_tune.train import TrainingFailed, train, write_hparams
@@ -331,7 +331,7 @@ def _run(search: Search, options: RunOptions, run_dir: str, local: Path, log) ->
     first = search.trial_experiment(search.first_values, experiment)
     budget = first.train.max_steps  # ASHA's max_t; load_search made sure there is one
     variants = data_variants(search, experiment)  # each node's caches, prepared once Ray is up
-    cache = prepare_cache(first.data, log)  # the driver's own, for the best trial's plots
+    resolve_root(first.data, log)  # missing data is one message before Ray starts
 
     start_ray(options, log)
     resources = {"cpu": config.resources.cpu, "gpu": config.resources.gpu}
@@ -400,6 +400,9 @@ def _run(search: Search, options: RunOptions, run_dir: str, local: Path, log) ->
                           f"{run_dir}", stop.signal, run_dir)
     trials = summarize(results, search, budget)
     best = best_of(trials, config.mode)
+    # the best trial's own data settings (a searched data.lod or channels may differ from the first
+    # trial's) for its plots and the registry's fingerprint; already built where the driver's node ran trials
+    cache = prepare_cache(build_experiment(best.config, {}).data, log) if best else None
     # a checkpoint may sit in a bucket: Ray fetches it into a local folder (or hands over its own)
     with best.checkpoint.as_directory() if best else contextlib.nullcontext() as folder:
         published = tracking.log_search_result(

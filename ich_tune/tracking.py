@@ -277,11 +277,11 @@ class Published:
 
 def log_search_result(client: MlflowClient, tracking_uri: str, parent_run_id: str,
                       trials: list[TrialOutcome], best: TrialOutcome | None, best_dir: Path | None,
-                      cache_path: Path, metric: str, *, mode: str,
+                      cache_path: Path | None, metric: str, *, mode: str,
                       registered_model: str) -> Published | None:
     """The parent run's end: trials table, best config, its weights, model, plots and metrics; the
     model as an MLflow model, registered as a version of `registered_model` (none where it is empty).
-    `best_dir` is the best trial's checkpoint as a local folder."""
+    `best_dir` is the best trial's checkpoint as a local folder, `cache_path` the cache of its data."""
     import mlflow
     import yaml
 
