@@ -233,8 +233,12 @@ def run_lock(run_dir: str | Path, lock_dir: Path | None = None) -> Iterator[None
         lock_file = lock_dir / f"{hashlib.sha1(run_dir.encode()).hexdigest()[:16]}.lock"
     else:
         lock_file = Path(run_dir).parent / f".{Path(run_dir).name}.lock"
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_file, "a+") as lock:
+    try:
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError as err:
+        raise UserError(f"{run_dir}: cannot write its lock file {lock_file} ({err.strerror}).") from None
+    with open(fd, "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -285,7 +289,7 @@ def resolve_run_dir(search: Search, options: RunOptions) -> str:
     if options.name:
         return storage.join(search_dir, options.name)
     if options.resume:
-        candidates = [run for run in storage.children(search_dir) if tune.Tuner.can_restore(run)]
+        candidates = [run for run in storage.children(search_dir) if storage.can_restore(run)]
         if not candidates:
             raise UserError(f"--resume: no search to resume under {search_dir}/; start one without "
                             "--resume, or give --name of an existing run.")
@@ -310,12 +314,12 @@ def run_search(search: Search, options: RunOptions, log=print) -> SearchOutcome:
     if storage.is_uri(root):
         log(f"storage {root}; this machine's own files (run lock, default MLflow store, init weights) "
             f"in {local}")
+    storage.check_writable(storage.join(root, search.name))  # the lock of a local run lives there
     with run_lock(run_dir, local / "locks"):
-        if options.resume and not tune.Tuner.can_restore(run_dir):
+        if options.resume and not storage.can_restore(run_dir):
             raise UserError(f"--resume: {run_dir} holds no search state to resume.")
         if not options.resume and storage.exists(run_dir):
             raise UserError(f"{run_dir} exists already: add --resume to continue it, or pick another --name.")
-        storage.check_writable(storage.join(root, search.name))
         return _run(search, options, run_dir, local, log)
 
 

@@ -63,17 +63,40 @@ def filesystem(location: str) -> tuple[pyarrow.fs.FileSystem, str]:
                           ) from None
 
 
+def refused(location: str, doing: str, err: OSError) -> ConfigError:
+    """One message for a storage that cannot be read or written (a missing permission, a bucket's
+    AccessDenied, no credentials), instead of pyarrow's traceback."""
+    return ConfigError(f"storage '{location}': cannot {doing} there ({err}). Check the path or bucket and "
+                       "the credentials (AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, ...).")
+
+
 def exists(location: str) -> bool:
     fs, path = filesystem(location)
-    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+    try:
+        return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+    except OSError as err:
+        raise refused(location, "read", err) from None
 
 
 def children(location: str) -> list[str]:
     """The folders directly inside `location`, as locations, sorted by name; none if it is absent."""
     fs, path = filesystem(location)
-    infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    except OSError as err:
+        raise refused(location, "read", err) from None
     names = sorted(posixpath.basename(i.path) for i in infos if i.type == pyarrow.fs.FileType.Directory)
     return [join(location, name) for name in names]
+
+
+def can_restore(location: str) -> bool:
+    """Whether `location` holds a search's state that Ray Tune can resume."""
+    from ray import tune
+
+    try:
+        return tune.Tuner.can_restore(location)
+    except OSError as err:
+        raise refused(location, "read", err) from None
 
 
 def check_writable(location: str) -> None:
@@ -82,9 +105,7 @@ def check_writable(location: str) -> None:
     try:
         fs.create_dir(path)
     except OSError as err:
-        raise ConfigError(f"storage '{location}': cannot write there ({err}). Check the path or bucket "
-                          "and the credentials (AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, ...)."
-                          ) from None
+        raise refused(location, "write", err) from None
 
 
 def local_root(storage: str, local_dir: Path | None) -> Path:

@@ -68,6 +68,34 @@ def test_run_with_a_bad_storage_flag_exits_2_with_one_line(tiny_rsna, tmp_path, 
     assert err.startswith("error: storage 'ftp://host/runs': ") and err.count("\n") == 1
 
 
+def test_an_unwritable_storage_folder_is_one_message_before_the_lock(tmp_path, capsys):
+    """Before the run lock is taken there: a folder this user may not write, and a run lock in a
+    search folder made read-only after an earlier run."""
+    from ich_tune.cli import main
+
+    space = tmp_path / "space.yaml"
+    space.write_text(f"experiment: {{data: {{root: {tmp_path}}}}}\nnum_train_steps: 5\n")
+    (tmp_path / "readonly").mkdir(0o500)
+    (tmp_path / "old" / "space").mkdir(0o500, parents=True)
+    if os.access(tmp_path / "readonly", os.W_OK):
+        pytest.skip("this user writes read-only folders (root)")
+    assert main(["run", str(space), "--storage", str(tmp_path / "readonly")]) == 2
+    assert f"error: storage '{tmp_path}/readonly/space': cannot write there" in capsys.readouterr().err
+    assert main(["run", str(space), "--storage", str(tmp_path / "old"), "--name", "r"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path}/old/space/r: cannot write its lock file")
+
+
+def test_a_bucket_that_cannot_be_reached_is_one_message(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    closed = "s3://bucket/runs?endpoint_override=127.0.0.1:9&scheme=http"  # nothing listens on port 9
+    with pytest.raises(ConfigError, match=r"^storage 's3://bucket/runs[?].*': cannot read there \(.*AWS_"):
+        storage.exists(closed)
+    with pytest.raises(ConfigError, match="cannot read there"):
+        storage.children(closed)
+
+
 def test_the_hint_opens_a_server_or_runs_mlflow_ui():
     assert ui_hint("http://mlflow.lab:5000/", "3") == "open http://mlflow.lab:5000/#/experiments/3"
     assert ui_hint("sqlite:////data/mlflow.db") == "mlflow ui --backend-store-uri sqlite:////data/mlflow.db"
