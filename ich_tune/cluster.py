@@ -51,8 +51,9 @@ def start_ray(options: RunOptions, log=print) -> None:
         if refused_token(err):
             raise UserError(token_message(address or "the local cluster", err)) from None
         if address:
-            raise UserError(f"{err}: check --address (or RAY_ADDRESS), and that the cluster's head is up "
-                            "(`ray status` on it).") from None
+            raise UserError(f"{err}: check --address (or RAY_ADDRESS), that the cluster's head is up "
+                            "(`ray status` on it), and that this machine is a node of that cluster "
+                            "(ray start --address ...), or submit with ray job submit.") from None
         raise
     url = context.dashboard_url
     if url:
