@@ -106,4 +106,6 @@ def how_to_open() -> str:
     if TOKEN_FILE.exists():
         return (f"it asks for a token: paste the contents of {TOKEN_FILE} (`cat {TOKEN_FILE}`); for the "
                 f"REST API send `Authorization: Bearer $(cat {TOKEN_FILE})`")
-    return "no token needed (RAY_AUTH_MODE=disabled)"
+    mode = os.environ.get("RAY_AUTH_MODE", "unset")
+    return (f"no token here (RAY_AUTH_MODE {mode}, no RAY_AUTH_TOKEN, no {TOKEN_FILE}); if it asks for one, "
+            "`ray get-auth-token` on the head node prints it")
