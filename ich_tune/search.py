@@ -359,7 +359,11 @@ def _run(search: Search, options: RunOptions, run_dir: str, local: Path, log) ->
         client.log_artifact(parent_id, str(search.path), "search")
     log(f"MLflow: parent run {parent_id} in experiment '{search.name}'; compare trials: "
         f"{tracking.ui_hint(uri, exp_id)}")
-    log(f"TensorBoard: tensorboard --logdir {run_dir}")
+    if storage.is_uri(run_dir):  # TensorBoard reads local folders only
+        log(f"TensorBoard: copy the trials' tensorboard/ folders from {run_dir} to a local folder and run "
+            "tensorboard --logdir on it")
+    else:
+        log(f"TensorBoard: tensorboard --logdir {run_dir}")
 
     settings = TrialSettings(data=data, randomize_seed=config.randomize_seed,
                              threads=max(1, int(config.resources.cpu)), gpu_fraction=resources["gpu"],

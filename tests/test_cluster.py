@@ -105,7 +105,7 @@ def test_search_on_two_nodes_records_into_a_server_and_a_bucket(cluster_search, 
     assert search.exit_status == 0, search.output[-4000:]
     host = search.s3["endpoint"].removeprefix("http://")
     run_dir = f"s3://ich-tune/searches/cluster/two?endpoint_override={host}&scheme=http"
-    assert f"TensorBoard: tensorboard --logdir {run_dir}" in search.output
+    assert f"TensorBoard: copy the trials' tensorboard/ folders from {run_dir} to a local" in search.output
     assert f"compare trials: open {search.tracking_uri}" in search.output
 
     first_nodes = {trial: results[0]["node_id"] for trial, results in search.results.items()}
