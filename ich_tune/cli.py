@@ -249,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "default $RAY_ADDRESS, which `ray job submit` sets)")
     run.add_argument("--resume", action="store_true", help="continue the latest (or --name) run")
     _add_rescan(run)
-    run.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite in the storage folder)")
+    run.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite in the storage folder, or "
+                     "in --local-dir when storage is a URI)")
     run.add_argument("--name", help="run folder under <storage>/<search>/ (default: a timestamp)")
     run.add_argument("--registered-model", metavar="NAME", dest="overrides", action="append",
                      type=lambda name: f"registered_model={json.dumps(name)}",
