@@ -371,7 +371,9 @@ def _run(search: Search, options: RunOptions, run_dir: str, local: Path, log) ->
                              dimensions=[d.path for d in search.dimensions])
     trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings), resources)
     # trials write their own TensorBoard logs (curves, HParams); Ray's default TensorBoard logger would
-    # add a second HParams experiment with other names, and the dashboard shows one of the two at random
+    # add a second HParams experiment with other names, and the dashboard shows one of the two at random.
+    # Set for the whole process and left set: every search it runs wants the same, and the CSV and JSON
+    # loggers are passed explicitly below
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     if options.resume:
         log(f"resuming {run_dir}")
