@@ -91,8 +91,8 @@ def _prepare_here(variants: list[DataConfig], cpus: int, rescan: bool) -> list[t
 class _Preparer:
     """Starts the preparation of each cache on each node once, and answers everyone who waits for it.
 
-    One per driver (a named actor, in the driver's own namespace): searches run one after another in
-    one process share it rather than each leaving an idle actor behind."""
+    One per search, not shared by name: a handle that get_if_exists hands over does not keep a named
+    actor alive, so a later search in the same process lost it when the first one's handles went."""
 
     def __init__(self) -> None:
         self.runs: dict[tuple[str, str], ray.ObjectRef] = {}  # (node id, cache identity) -> its task
@@ -124,8 +124,7 @@ class DataOnNodes:
 
     def __init__(self, variants: list[DataConfig], rescan: bool = False) -> None:
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self.preparer = _Preparer.options(name="ich_tune-data", get_if_exists=True,
-                                          scheduling_strategy=here).remote()
+        self.preparer = _Preparer.options(scheduling_strategy=here).remote()
         self.variants = variants
         self.rescan = rescan  # each node checks every file of its data once, when it is prepared
 
