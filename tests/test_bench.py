@@ -54,6 +54,7 @@ def test_bench_search_runs_each_variant_as_a_real_search(tiny_rsna, tmp_path):
     [run] = client.search_runs([client.get_experiment_by_name("bench-search").experiment_id])
     assert [a.path for a in client.list_artifacts(run.info.run_id) if a.path.endswith(".png")]
     assert list((tmp_path / "bench").glob("best-so-far-*.png"))
+    assert client.search_registered_models() == []  # a bench variant is no candidate for champion
 
 
 def test_bench_search_estimate_prices_a_search_before_running_it(tiny_rsna, tmp_path):

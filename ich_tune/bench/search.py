@@ -96,7 +96,8 @@ def compare(args: argparse.Namespace, names: list[str]) -> dict:
     from ich_tune.config import load_search
     from ich_tune.search import RunOptions, run_search
 
-    base = [*args.overrides, f"storage={args.storage}"]
+    # a bench variant is not a candidate model: registering it would add versions and could move champion
+    base = [*args.overrides, f"storage={args.storage}", "registered_model=''"]
     reference = load_search(args.space, base)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     figures: dict = {"machine": f"{os.cpu_count()} CPU cores", "space": str(args.space),
