@@ -90,3 +90,26 @@ def test_bench_search_estimate_prices_a_search_before_running_it(tiny_rsna, tmp_
 
     missing = estimate("--step-time", "0.5", "--from-json", str(tmp_path / "none.json"))
     assert missing.returncode == 2 and "none.json" in missing.stderr and "Traceback" not in missing.stderr
+
+
+@pytest.mark.parametrize("cpus, ended", [(2.0, False), (0.5, True)])
+def test_bench_search_figures_are_nan_without_an_ended_run_or_a_slot(monkeypatch, tmp_path, cpus, ended):
+    """No trial run that ended, or a cluster too small for one trial: NaN, not a crash after the search."""
+    import math
+    from types import SimpleNamespace
+
+    import ray
+
+    from ich_tune import tracking
+    from ich_tune.bench.search import measure
+
+    run = SimpleNamespace(info=SimpleNamespace(start_time=1000, end_time=5000 if ended else None))
+    monkeypatch.setattr(tracking, "child_runs", lambda client, parent: [run])
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": cpus})
+    config = SimpleNamespace(max_concurrent_trials=None, resources=SimpleNamespace(cpu=1.0), mode="max",
+                             metric="val_accuracy")
+    outcome = SimpleNamespace(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", parent_run_id="p",
+                              trials=[])
+    figures = measure(outcome, SimpleNamespace(config=config))
+    assert math.isnan(figures["efficiency"]) and math.isnan(figures["best"])
+    assert math.isnan(figures["wall_s"]) != ended and figures["concurrency"] == 0
