@@ -113,3 +113,12 @@ def test_bench_search_figures_are_nan_without_an_ended_run_or_a_slot(monkeypatch
     figures = measure(outcome, SimpleNamespace(config=config))
     assert math.isnan(figures["efficiency"]) and math.isnan(figures["best"])
     assert math.isnan(figures["wall_s"]) != ended and figures["concurrency"] == 0
+
+
+def test_bench_predict_refuses_a_pool_of_one(capsys, tmp_path):
+    from ich_tune.cli import main
+
+    assert main(["bench", "predict", "--workers", "1", "--work", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "compares one process with a pool" in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())
