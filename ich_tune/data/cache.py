@@ -314,7 +314,7 @@ def _build(cfg: DataConfig, root: Path, plan: _Plan, free: int, out: Path, param
     ids, y, missing, paths = plan.ids, plan.labels, plan.missing, plan.paths
     out.mkdir(parents=True)
     np.lib.format.open_memmap(out / "images.npy", mode="w+", dtype=plan.dtype, shape=plan.shape)
-    workers = cfg.workers or os.cpu_count() or 1
+    workers = cfg.workers or len(os.sched_getaffinity(0))  # usable cores, as a cpuset limits them
     _, channels, size, _ = plan.shape
     log(f"preprocess: {len(ids)} slices of {root} -> {out.parent} "
         f"({channels}x{size}x{size} {plan.dtype.name}, {workers} processes; "
