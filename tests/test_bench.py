@@ -122,3 +122,11 @@ def test_bench_predict_refuses_a_pool_of_one(capsys, tmp_path):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "compares one process with a pool" in err and "Traceback" not in err
     assert not any(tmp_path.iterdir())
+
+
+def test_bench_startup_shows_why_a_timed_start_up_failed(tmp_path):
+    from ich_tune.bench.startup import start_up
+
+    with pytest.raises(RuntimeError, match=r"failed \(exit status 1\):\n") as err:
+        start_up(tmp_path / "absent", tmp_path / "cache", rescan=False, cold=False)
+    assert str(tmp_path / "absent") in str(err.value).split("\n", 1)[1]  # the child's own message
