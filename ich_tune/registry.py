@@ -21,10 +21,9 @@ from mlflow.tracking import MlflowClient
 
 from ich_tune.config.schema import DataConfig
 from ich_tune.data.channels import parse_channels
+from ich_tune.tracking import TAG_METRIC, TAG_MODE  # the same tags as a search's parent run
 
 CHAMPION = "champion"
-TAG_METRIC = "ich_tune.metric"
-TAG_MODE = "ich_tune.mode"
 TAG_VALUE = "ich_tune.value"
 TAG_DATA = "ich_tune.data_fingerprint"  # hash of the validation slices' ids and labels and the preprocessing
 
