@@ -83,12 +83,18 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ich_tune"
 
 
-def find_dicom_files(root: Path) -> dict[str, Path]:
-    """image id -> file, for stage_2_train/ID_*.dcm and .dcm.gz."""
+def _dicom_folder(root: Path) -> Path:
+    """root/stage_2_train; a root without it gets the same message from every check that meets it."""
     folder = root / TRAIN_DIR
     if not folder.is_dir():
         raise DataError(f"{folder}: no such folder. data.root must hold the Kaggle layout "
                         f"({TRAIN_DIR}/ID_<hex>.dcm and {LABELS_CSV}).")
+    return folder
+
+
+def find_dicom_files(root: Path) -> dict[str, Path]:
+    """image id -> file, for stage_2_train/ID_*.dcm and .dcm.gz."""
+    folder = _dicom_folder(root)
     files = {}
     with os.scandir(folder) as entries:
         for entry in entries:
@@ -129,10 +135,7 @@ def folder_fingerprint(root: Path) -> dict:
     It cannot see a file rewritten or touched in place, nor a change after which a tool set the
     folder's mtime back to its old value; `--rescan` runs the full check for those.
     """
-    folder, csv = root / TRAIN_DIR, root / LABELS_CSV
-    if not folder.is_dir():
-        raise DataError(f"{folder}: no such folder. data.root must hold the Kaggle layout "
-                        f"({TRAIN_DIR}/ID_<hex>.dcm and {LABELS_CSV}).")
+    folder, csv = _dicom_folder(root), root / LABELS_CSV
     if not csv.is_file():
         raise DataError(f"{csv}: no such file; data.root must hold the Kaggle labels CSV.")
     folder_stat, csv_stat = folder.stat(), csv.stat()
