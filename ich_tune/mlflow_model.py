@@ -57,10 +57,14 @@ def signature(in_channels: int, size: int):
 
 
 def requirements() -> list[str]:
-    """What a model server must install: torch, numpy and pandas at the versions that logged it, and
-    this package, whose loader the model names."""
+    """What a model server must install: torch, numpy and pandas at the versions that logged it.
+
+    This package, whose loader the model names, is left out: pip would fetch whatever a package index
+    holds under its name, which need not be this code. The serving environment must have it installed
+    (as the nodes' image does), e.g. `mlflow models serve --env-manager local` in such an environment.
+    """
     versions = {name: importlib.metadata.version(name).split("+")[0] for name in ("torch", "numpy", "pandas")}
-    return [*(f"{name}=={version}" for name, version in versions.items()), "ich_tune"]
+    return [f"{name}=={version}" for name, version in versions.items()]
 
 
 def log_model(weights: Path, name: str = "model"):

@@ -41,7 +41,6 @@ from ich_tune.train import predict_batches
 
 SUBMISSION_CLIP = 1e-6  # competition practice: a confident mistake must not cost an infinite log loss
 SPLITS = ("val", "all")
-FORMATS = ("kaggle", "wide")
 IMAGE_COLUMNS = ("file", "image_id", "patient_id", "study_uid", "series_uid", "instance_uid",
                  "instance_number", "z", "slice")
 STUDY_COLUMNS = ("study_uid", "patient_id", "images", "unreadable", "max_any", "max_any_image",
@@ -109,13 +108,6 @@ def _inputs(images: list[FolderImage], cfg: DataConfig, run: Runner, unreadable:
                                     np.ones(len(good), bool), k)
             good = zip([i for i, _ in good], stack(np.stack([a for _, a in good]), table), strict=True)
         yield from good
-
-
-def predict_folder(model: torch.nn.Module, config: ExperimentConfig, dicom_dir: Path,
-                   batch_size: int | None = None, log=print, workers: int | None = None
-                   ) -> tuple[list[str], np.ndarray, dict[str, str]]:
-    """The Kaggle view of `predict_dicom`: ids sorted, probabilities [N, 6], and unreadable id -> reason."""
-    return kaggle_rows(predict_dicom(model, config, dicom_dir, batch_size, workers), log)
 
 
 def kaggle_rows(prediction: FolderPrediction, log=print) -> tuple[list[str], np.ndarray, dict[str, str]]:

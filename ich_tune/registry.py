@@ -21,10 +21,9 @@ from mlflow.tracking import MlflowClient
 
 from ich_tune.config.schema import DataConfig
 from ich_tune.data.channels import parse_channels
+from ich_tune.tracking import TAG_METRIC, TAG_MODE  # the same tags as a search's parent run
 
 CHAMPION = "champion"
-TAG_METRIC = "ich_tune.metric"
-TAG_MODE = "ich_tune.mode"
 TAG_VALUE = "ich_tune.value"
 TAG_DATA = "ich_tune.data_fingerprint"  # hash of the validation slices' ids and labels and the preprocessing
 
@@ -72,11 +71,14 @@ def register(client: MlflowClient, name: str, model_id: str, run_id: str,
                 raise
         version = client.create_model_version(name, f"models:/{model_id}", run_id=run_id, model_id=model_id,
                                               tags=measured.tags())
-    except MlflowException as err:
-        reason = str(err.message).strip().splitlines()[0] if str(err.message).strip() else type(err).__name__
-        return None, f"model registry: not registered ({reason}); the model stays at models:/{model_id}"
+    except (MlflowException, OSError) as err:  # OSError: requests' connection errors
+        return None, f"model registry: not registered ({_reason(err)}); the model stays at models:/{model_id}"
+    uri = f"models:/{name}/{version.version}"
     said = f"registered {name} version {version.version} ({measured.metric} {measured.value:.4f})"
-    return f"models:/{name}/{version.version}", f"{said}; {promote(client, name, version.version, measured)}"
+    try:
+        return uri, f"{said}; {promote(client, name, version.version, measured)}"
+    except (MlflowException, OSError) as err:  # the version exists; only the alias is left as it was
+        return uri, f"{said}; {CHAMPION} unchanged ({_reason(err)})"
 
 
 def promote(client: MlflowClient, name: str, version: str, new: Measured) -> str:
@@ -110,6 +112,12 @@ def beats(new: float, old: float, mode: str) -> bool:
     if math.isnan(new):
         return False
     return math.isnan(old) or (new > old if mode == "max" else new < old)
+
+
+def _reason(err: Exception) -> str:
+    """The first line of an error, or its type where it says nothing."""
+    text = str(getattr(err, "message", err)).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _measured(tags: dict[str, str]) -> Measured | None:

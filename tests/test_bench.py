@@ -54,6 +54,7 @@ def test_bench_search_runs_each_variant_as_a_real_search(tiny_rsna, tmp_path):
     [run] = client.search_runs([client.get_experiment_by_name("bench-search").experiment_id])
     assert [a.path for a in client.list_artifacts(run.info.run_id) if a.path.endswith(".png")]
     assert list((tmp_path / "bench").glob("best-so-far-*.png"))
+    assert client.search_registered_models() == []  # a bench variant is no candidate for champion
 
 
 def test_bench_search_estimate_prices_a_search_before_running_it(tiny_rsna, tmp_path):
@@ -89,3 +90,43 @@ def test_bench_search_estimate_prices_a_search_before_running_it(tiny_rsna, tmp_
 
     missing = estimate("--step-time", "0.5", "--from-json", str(tmp_path / "none.json"))
     assert missing.returncode == 2 and "none.json" in missing.stderr and "Traceback" not in missing.stderr
+
+
+@pytest.mark.parametrize("cpus, ended", [(2.0, False), (0.5, True)])
+def test_bench_search_figures_are_nan_without_an_ended_run_or_a_slot(monkeypatch, tmp_path, cpus, ended):
+    """No trial run that ended, or a cluster too small for one trial: NaN, not a crash after the search."""
+    import math
+    from types import SimpleNamespace
+
+    import ray
+
+    from ich_tune import tracking
+    from ich_tune.bench.search import measure
+
+    run = SimpleNamespace(info=SimpleNamespace(start_time=1000, end_time=5000 if ended else None))
+    monkeypatch.setattr(tracking, "child_runs", lambda client, parent: [run])
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": cpus})
+    config = SimpleNamespace(max_concurrent_trials=None, resources=SimpleNamespace(cpu=1.0), mode="max",
+                             metric="val_accuracy")
+    outcome = SimpleNamespace(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", parent_run_id="p",
+                              trials=[])
+    figures = measure(outcome, SimpleNamespace(config=config))
+    assert math.isnan(figures["efficiency"]) and math.isnan(figures["best"])
+    assert math.isnan(figures["wall_s"]) != ended and figures["concurrency"] == 0
+
+
+def test_bench_predict_refuses_a_pool_of_one(capsys, tmp_path):
+    from ich_tune.cli import main
+
+    assert main(["bench", "predict", "--workers", "1", "--work", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "compares one process with a pool" in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_bench_startup_shows_why_a_timed_start_up_failed(tmp_path):
+    from ich_tune.bench.startup import start_up
+
+    with pytest.raises(RuntimeError, match=r"failed \(exit status 1\):\n") as err:
+        start_up(tmp_path / "absent", tmp_path / "cache", rescan=False, cold=False)
+    assert str(tmp_path / "absent") in str(err.value).split("\n", 1)[1]  # the child's own message

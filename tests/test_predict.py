@@ -30,8 +30,8 @@ from ich_tune.errors import UserError
 from ich_tune.predict import (
     SUBMISSION_CLIP,
     evaluate_split,
+    kaggle_rows,
     predict_dicom,
-    predict_folder,
     save_predictions,
     write_submission,
 )
@@ -63,6 +63,13 @@ def read_dicts(path: Path) -> list[dict[str, str]]:
 
 def quiet(*_) -> None:
     pass
+
+
+def predict_folder(model: torch.nn.Module, config: ExperimentConfig, dicom_dir: Path,
+                   batch_size: int | None = None, log=print, workers: int | None = None
+                   ) -> tuple[list[str], np.ndarray, dict[str, str]]:
+    """The Kaggle view of `predict_dicom`: ids sorted, probabilities [N, 6], and unreadable id -> reason."""
+    return kaggle_rows(predict_dicom(model, config, dicom_dir, batch_size, workers), log)
 
 
 def test_submission_matches_the_sample_submission(trained, tiny_rsna, tmp_path):

@@ -18,6 +18,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from ich_tune import registry
@@ -125,6 +126,7 @@ def test_the_logged_model_runs_no_code_from_its_files(served, tmp_path):
     assert meta.flavors.keys() == {"python_function"}
     assert meta.flavors["python_function"]["loader_module"] == "ich_tune.mlflow_model"
     assert not [p for p in folder.rglob("*") if p.suffix in (".pkl", ".pickle")]
+    assert "ich_tune" not in (folder / "requirements.txt").read_text()  # never fetched from an index by name
     [tensor] = meta.signature.inputs.inputs
     assert tensor.shape == (-1, 3, 32, 32) and tensor.type == np.dtype(np.float32)
     assert meta.signature.outputs.input_names() == list(CLASSES)
@@ -250,3 +252,21 @@ def test_run_flags_name_the_registered_model_or_none(tiny_rsna, tmp_path):
     assert registered("--registered-model", "ich-demo", "--set", "model.dropout=0.2") == "ich-demo"
     assert registered("--no-register") == ""
     assert registered("--registered-model", "") == ""
+
+
+def test_a_registry_that_fails_after_registering_keeps_the_version_and_the_champion():
+    class Client:  # registers, then cannot reach the server to read or move the alias
+        def create_registered_model(self, name):
+            pass
+
+        def create_model_version(self, name, source, **_):
+            return type("Version", (), {"version": "3"})()
+
+        def get_registered_model(self, name):
+            raise MlflowException("API request to http://mlflow:5000 failed: connection refused")
+
+    measured = registry.Measured("val_auc_mean", "max", 0.9, "a")
+    uri, said = registry.register(Client(), "by-hand", "m-1", "run", measured)
+    assert uri == "models:/by-hand/3"
+    assert said == ("registered by-hand version 3 (val_auc_mean 0.9000); champion unchanged "
+                    "(API request to http://mlflow:5000 failed: connection refused)")

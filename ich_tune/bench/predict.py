@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ich_tune.errors import UserError
+
 TARGET_SPEEDUP = 1.7  # on 2 cores: the pool must win most of the second core
 CHANNELS, SIZE = ["brain", "subdural", "bone"], 256  # halfres: 512 -> 256, three windows
 
@@ -26,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/bench-predict"),
                         help="folder for the synthetic slices (written once, reused)")
     parser.add_argument("--images", type=int, default=800, help="synthetic 512x512 slices (at least)")
-    parser.add_argument("--workers", type=int, help="processes of the pool (default: all cores)")
+    parser.add_argument("--workers", type=int, help="pool processes, at least 2 (default: usable cores)")
     parser.add_argument("--rounds", type=int, default=2, help="times each way is measured, alternating")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
 
@@ -34,7 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ich_tune.bench.data import synthetic_data, warm_page_cache
 
-    workers = args.workers or os.cpu_count() or 1
+    workers = args.workers or len(os.sched_getaffinity(0))
+    if workers < 2:
+        raise UserError(f"bench predict: {workers} worker(s); it compares one process with a pool, which "
+                        "needs --workers 2 or more (and as many usable cores for a fair figure).")
     root = synthetic_data(args.work / "rsna", args.images)
     files = warm_page_cache(root)
     folder = next(iter(files.values())).parent

@@ -96,7 +96,8 @@ def compare(args: argparse.Namespace, names: list[str]) -> dict:
     from ich_tune.config import load_search
     from ich_tune.search import RunOptions, run_search
 
-    base = [*args.overrides, f"storage={args.storage}"]
+    # a bench variant is not a candidate model: registering it would add versions and could move champion
+    base = [*args.overrides, f"storage={args.storage}", "registered_model=''"]
     reference = load_search(args.space, base)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     figures: dict = {"machine": f"{os.cpu_count()} CPU cores", "space": str(args.space),
@@ -130,8 +131,10 @@ def measure(outcome, search) -> dict:
     cpus = ray.cluster_resources().get("CPU", 1)
     concurrency = min(config.max_concurrent_trials or len(spans),
                       int(cpus // max(config.resources.cpu, 1e-9)), len(spans))
-    wall = max(end for _, end in spans) - min(start for start, _ in spans)
+    # no ended trial run, or no trial fitting the cluster: NaN figures rather than a crash after the search
+    wall = max(end for _, end in spans) - min(start for start, _ in spans) if spans else float("nan")
     busy = sum(end - start for start, end in spans)
+    efficiency = busy / (concurrency * wall) if concurrency and wall else float("nan")
     best = best_of(outcome.trials, config.mode)
     at_best = next((row for row in best.history if row.get(config.metric) == best.best), {}) if best else {}
     events = sorted(((row.get("timestamp", 0), row.get("time_total_s", 0), t.trial_id, row)
@@ -150,7 +153,7 @@ def measure(outcome, search) -> dict:
         "best_auc_any": float(at_best.get("val_auc_any", float("nan"))),
         "best_log_loss": float(at_best.get("val_log_loss", float("nan"))),
         "wall_s": wall, "busy_s": busy, "concurrency": concurrency,
-        "efficiency": busy / (concurrency * wall), "curve": {"steps": steps, "values": values},
+        "efficiency": efficiency, "curve": {"steps": steps, "values": values},
     }
 
 

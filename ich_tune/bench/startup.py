@@ -197,7 +197,10 @@ def start_up(root: Path, cache_dir: Path, rescan: bool, cold: bool) -> dict[str,
             "print(json.dumps(time_phases(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == '1', "
             "sys.argv[4] == '1')))")
     done = subprocess.run([sys.executable, "-c", code, str(root), str(cache_dir), str(int(rescan)),
-                           str(int(cold))], capture_output=True, text=True, check=True)
+                           str(int(cold))], capture_output=True, text=True)
+    if done.returncode:  # the child's own error, which capture_output would otherwise swallow
+        tail = "\n".join(done.stderr.strip().splitlines()[-10:])
+        raise RuntimeError(f"a timed start-up of {root} failed (exit status {done.returncode}):\n{tail}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

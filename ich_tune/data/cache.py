@@ -83,12 +83,18 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ich_tune"
 
 
-def find_dicom_files(root: Path) -> dict[str, Path]:
-    """image id -> file, for stage_2_train/ID_*.dcm and .dcm.gz."""
+def _dicom_folder(root: Path) -> Path:
+    """root/stage_2_train; a root without it gets the same message from every check that meets it."""
     folder = root / TRAIN_DIR
     if not folder.is_dir():
         raise DataError(f"{folder}: no such folder. data.root must hold the Kaggle layout "
                         f"({TRAIN_DIR}/ID_<hex>.dcm and {LABELS_CSV}).")
+    return folder
+
+
+def find_dicom_files(root: Path) -> dict[str, Path]:
+    """image id -> file, for stage_2_train/ID_*.dcm and .dcm.gz."""
+    folder = _dicom_folder(root)
     files = {}
     with os.scandir(folder) as entries:
         for entry in entries:
@@ -129,10 +135,7 @@ def folder_fingerprint(root: Path) -> dict:
     It cannot see a file rewritten or touched in place, nor a change after which a tool set the
     folder's mtime back to its old value; `--rescan` runs the full check for those.
     """
-    folder, csv = root / TRAIN_DIR, root / LABELS_CSV
-    if not folder.is_dir():
-        raise DataError(f"{folder}: no such folder. data.root must hold the Kaggle layout "
-                        f"({TRAIN_DIR}/ID_<hex>.dcm and {LABELS_CSV}).")
+    folder, csv = _dicom_folder(root), root / LABELS_CSV
     if not csv.is_file():
         raise DataError(f"{csv}: no such file; data.root must hold the Kaggle labels CSV.")
     folder_stat, csv_stat = folder.stat(), csv.stat()
@@ -314,7 +317,7 @@ def _build(cfg: DataConfig, root: Path, plan: _Plan, free: int, out: Path, param
     ids, y, missing, paths = plan.ids, plan.labels, plan.missing, plan.paths
     out.mkdir(parents=True)
     np.lib.format.open_memmap(out / "images.npy", mode="w+", dtype=plan.dtype, shape=plan.shape)
-    workers = cfg.workers or os.cpu_count() or 1
+    workers = cfg.workers or len(os.sched_getaffinity(0))  # usable cores, as a cpuset limits them
     _, channels, size, _ = plan.shape
     log(f"preprocess: {len(ids)} slices of {root} -> {out.parent} "
         f"({channels}x{size}x{size} {plan.dtype.name}, {workers} processes; "

@@ -171,7 +171,7 @@ def readers(workers: int | None) -> Iterator[Runner]:
     (imported by each of two workers, it took 40% more CPU per image than one process did, over
     800 slices).
     """
-    workers = workers or os.cpu_count() or 1
+    workers = workers or len(os.sched_getaffinity(0))  # usable cores, as a cpuset limits them
     if workers == 1:
         yield map
         return
