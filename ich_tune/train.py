@@ -153,7 +153,7 @@ class Run:
 
 def set_up(cfg: ExperimentConfig, cache_path: Path, threads: int | None, warm_start: bool, log) -> Run:
     """Threads, seeds, device, data, the network (warm-started from model.init_from), optimizer."""
-    torch.set_num_threads(cfg.train.threads or threads or os.cpu_count() or 1)
+    torch.set_num_threads(cfg.train.threads or threads or len(os.sched_getaffinity(0)))
     seed_everything(cfg.seed, cfg.train.deterministic)
     placement = place(cfg.train)
     splits = load_splits(cache_path, cfg.data, log)

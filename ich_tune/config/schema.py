@@ -52,7 +52,7 @@ class DataConfig:
     max_bad_fraction: float = bounded(0.01, 0.0, 1.0)
     augment: bool = False
     balanced: bool = False  # class-balanced sampling of training slices
-    workers: int = bounded(0, 0)  # preprocessing processes; 0 = every core
+    workers: int = bounded(0, 0)  # preprocessing processes; 0 = every core this process may use
 
     @property
     def size(self) -> int:
