@@ -36,7 +36,7 @@ from ich_tune.data.dicom import (
 from ich_tune.errors import DataError
 from ich_tune.progress import Progress
 
-RSNA_NAME = re.compile(r"ID_[0-9a-fA-F]+\.dcm(\.gz)?")
+RSNA_NAME = re.compile(r"ID_[0-9A-Za-z]+\.dcm(\.gz)?")  # Kaggle's ids are hex; any ID_<word>.dcm as before
 HEADER_CHUNK, DECODE_CHUNK = 64, 8  # files per task: enough to amortise the pickling, few enough to balance
 AHEAD = 4  # tasks in flight per worker: keeps the workers busy while decoded slices wait for the model
 
