@@ -279,9 +279,10 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def measure_step_time(search, steps: int = 10) -> tuple[float, str, str]:
+def measure_step_time(search, steps: int = 10, budget_s: float = 20.0) -> tuple[float, str, str]:
     """Seconds per training step of the search's first trial on random input of its shape: the bare
-    loop of `bench train` (model, loss, optimizer, placement), without its data."""
+    loop of `bench train` (model, loss, optimizer, placement), without its data. After one warm-up
+    step, `steps` steps or as many as fit in `budget_s` (a halfres step takes half a minute on a CPU)."""
     import torch
 
     from ich_tune.data.context import input_channels
@@ -298,18 +299,20 @@ def measure_step_time(search, steps: int = 10) -> tuple[float, str, str]:
     loss_fn = make_loss(config.loss.objective)
     optimizer = make_optimizer(config.optimizer, model.parameters())
     model.train()
-    for step in range(steps + 2):
-        if step == 2:
-            if placement.device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
+    def step() -> None:
         with placement.autocast():
             loss = loss_fn(model(images).float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    loss.item()
-    seconds = (time.perf_counter() - start) / steps
+        loss.item()  # waits for the GPU
+
+    step()
+    start, done = time.perf_counter(), 0
+    while done < steps and (done == 0 or time.perf_counter() - start < budget_s):
+        step()
+        done += 1
+    seconds = (time.perf_counter() - start) / done
     if placement.device.type == "cuda":
         where = f"measured here on {torch.cuda.get_device_name()}, input {size}x{size}, batch {batch}"
         return seconds, where, "GPU-hours"
