@@ -111,7 +111,7 @@ def compare(args: argparse.Namespace, names: list[str]) -> dict:
         figures["variants"][name] = measure(outcome, search) | {"command_s": time.perf_counter() - started}
     grid = figures["variants"]["grid"]
     for f in figures["variants"].values():
-        f["steps_ratio"] = f["steps"] / grid["steps"]
+        f["steps_ratio"] = f["steps"] / grid["steps"] if grid["steps"] else float("nan")
         f["gap"] = abs(f["best"] - grid["best"])
     return figures
 
