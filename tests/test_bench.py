@@ -1,5 +1,6 @@
-"""Benchmarks are measured by running them (python -m ich_tune bench ...), not here; this checks only
-that one which cannot run on this machine says why instead of failing obscurely."""
+"""Benchmarks are measured by running them (python -m ich_tune bench ...), not here: these tests run
+them small, and check that one which cannot run says why, and that figures and verdicts agree with
+what was run."""
 
 import subprocess
 import sys
@@ -132,3 +133,25 @@ def test_bench_startup_shows_why_a_timed_start_up_failed(tmp_path):
     with pytest.raises(RuntimeError, match=r"failed \(exit status 1\):\n") as err:
         start_up(tmp_path / "absent", tmp_path / "cache", rescan=False, cold=False)
     assert str(tmp_path / "absent") in str(err.value).split("\n", 1)[1]  # the child's own message
+
+
+def test_bench_predict_reads_every_slice_both_ways(tmp_path):
+    """A small folder, one round: both ways decode the same slices, and the exit status is the
+    verdict of the figures it prints and writes."""
+    import json
+
+    figures_path = tmp_path / "figures.json"
+    command = ["bench", "predict", "--work", str(tmp_path), "--images", "40", "--rounds", "1",
+               "--workers", "2", "--json", str(figures_path)]
+    result = subprocess.run([sys.executable, "-m", "ich_tune", *command], cwd=ROOT, capture_output=True,
+                            text=True)
+    figures = json.loads(figures_path.read_text())
+    assert result.returncode == (0 if figures["speedup"] >= 1.7 else 1), result.stderr
+    assert figures["images"] >= 40 and figures["workers"] == 2
+    decoded = [line.split(": ")[1].split(" images")[0] for line in result.stdout.splitlines()
+               if line.startswith(("one process:", "2 processes,"))]
+    assert len(decoded) == 2 and decoded[0] == decoded[1] and int(decoded[0]) > 0
+    rates = figures["pooled_images_per_s"], figures["single_images_per_s"]
+    assert figures["speedup"] == pytest.approx(rates[0] / rates[1])
+    assert f"pool vs one process: {figures['speedup']:.2f}x" in result.stdout
+    assert "Traceback" not in result.stderr

@@ -6,6 +6,11 @@ and nest them study/series. Headers are read first, to name every image and rebu
 pixels are decoded afterwards, series after series, so a model given neighbouring slices gets a
 whole series at once. Both passes run in worker processes, as the cache build does: decoding
 costs milliseconds of CPU per slice, and with one process it would leave the other cores idle.
+Decoded slices come back through shared memory, as the cache build's go to its memory-mapped
+file, and only a few bytes per chunk through the pool's result pipe. Pickled through that pipe, a
+chunk of slices takes many reads to arrive, and all that while the pool's worker-watching thread,
+which also waits on the pipe, finds it readable and spins: on 2 cores the pool then read 0.6x one
+process's images/s at 10 ms of CPU per image, against 1.8x at 4 ms through shared memory.
 """
 
 from __future__ import annotations
@@ -20,11 +25,12 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 
 import numpy as np
 
-from ich_tune.data.channels import parse_channels, to_channels
+from ich_tune.data.channels import Channel, channel_dtype, parse_channels, to_channels
 from ich_tune.data.dicom import (
     DicomError,
     InstanceHeader,
@@ -143,13 +149,17 @@ def read_headers(paths: list[str]) -> list[InstanceHeader | tuple[bool, str]]:
 def decode(images: list[FolderImage], channel_spec: str | list, size: int,
            run: Runner) -> Iterator[tuple[FolderImage, np.ndarray | str]]:
     """(image, [C, S, S] channels or the reason it failed) for every image, in the order given."""
-    chunks = [([i.path for i in images[start:start + DECODE_CHUNK]], channel_spec, size)
-              for start in range(0, len(images), DECODE_CHUNK)]
-    return zip(images, _flat(run(decode_files, chunks)), strict=True)
+    paths = [image.path for image in images]
+    chunks = [paths[start:start + DECODE_CHUNK] for start in range(0, len(paths), DECODE_CHUNK)]
+    if isinstance(run, Workers):
+        results = _decode_shared(run, chunks, channel_spec, size)
+    else:
+        results = run(decode_files, [(chunk, channel_spec, size) for chunk in chunks])
+    return zip(images, _flat(results), strict=True)
 
 
 def decode_files(task: tuple[list[str], str | list, int]) -> list[np.ndarray | str]:
-    """Each file's channels as training's cache holds them, or why it failed; runs in a worker."""
+    """Each file's channels as training's cache holds them, or why it failed."""
     paths, channel_spec, size = task
     channels = parse_channels(channel_spec)
     results = []
@@ -159,6 +169,24 @@ def decode_files(task: tuple[list[str], str | list, int]) -> list[np.ndarray | s
         except DicomError as err:
             results.append(err.reason)
     return results
+
+
+@dataclass
+class Workers:
+    """Worker processes that run tasks in order, at most `ahead` in flight, so that decoded slices
+    never pile up in memory while the model is slower than the workers."""
+
+    pool: multiprocessing.pool.Pool
+    ahead: int
+
+    def __call__(self, function: Callable, tasks: Iterable) -> Iterator:
+        pending = deque()
+        for task in tasks:
+            pending.append(self.pool.apply_async(function, (task,)))
+            if len(pending) >= self.ahead:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
 
 
 @contextmanager
@@ -178,19 +206,69 @@ def readers(workers: int | None) -> Iterator[Runner]:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__, "torch"])
     with context.Pool(workers, initializer=_one_thread) as pool:
-        yield lambda function, tasks: _ahead(pool, function, tasks, AHEAD * workers)
+        yield Workers(pool, AHEAD * workers)
 
 
-def _ahead(pool: multiprocessing.pool.Pool, function: Callable, tasks: Iterable, ahead: int) -> Iterator:
-    """pool.imap with at most `ahead` tasks in flight, so that decoded slices never pile up in memory
-    while the model is slower than the workers."""
-    pending = deque()
-    for task in tasks:
-        pending.append(pool.apply_async(function, (task,)))
-        if len(pending) >= ahead:
-            yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
+def _decode_shared(run: Workers, chunks: list[list[str]], channel_spec: str | list,
+                   size: int) -> Iterator[list[np.ndarray | str]]:
+    """decode_files in the workers, each chunk's slices written to one of `run.ahead` slots of
+    shared memory: a slot is reused only once its chunk has been copied out, as `run` submits a
+    task only after taking the result `ahead` tasks before it."""
+    slot = Slot(parse_channels(channel_spec), size, DECODE_CHUNK)
+    memory = SharedMemory(create=True, size=run.ahead * slot.bytes)
+    try:
+        tasks = ((chunk, slot, memory.name, index % run.ahead) for index, chunk in enumerate(chunks))
+        for index, reasons in enumerate(run(decode_into, tasks)):
+            yield slot.copied(memory, index % run.ahead, reasons)
+    finally:
+        memory.close()
+        memory.unlink()
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one chunk's decoded slices lie in the shared memory: `images` of [C, size, size]."""
+
+    channels: tuple[Channel, ...]
+    size: int
+    images: int
+
+    @property
+    def bytes(self) -> int:
+        return self.images * len(self.channels) * self.size ** 2 * channel_dtype(self.channels).itemsize
+
+    def view(self, memory: SharedMemory, index: int) -> np.ndarray:
+        shape = (self.images, len(self.channels), self.size, self.size)
+        return np.ndarray(shape, channel_dtype(self.channels), memory.buf, offset=index * self.bytes)
+
+    def copied(self, memory: SharedMemory, index: int, reasons: list[str | None]) -> list[np.ndarray | str]:
+        """The chunk's slices copied out of slot `index` (no view may outlive the shared memory), or
+        the reasons they failed."""
+        slices = self.view(memory, index)
+        return [reason or slices[k].copy() for k, reason in enumerate(reasons)]
+
+
+_attached: dict[str, SharedMemory] = {}  # in a worker: the shared memory of the decode under way
+
+
+def decode_into(task: tuple[list[str], Slot, str, int]) -> list[str | None]:
+    """decode_files in a worker, the slices written to slot `index` of the shared memory `name`;
+    None for a slice written, else why it failed."""
+    paths, slot, name, index = task
+    if name not in _attached:  # a new decode: the previous one's memory is no longer needed
+        for memory in _attached.values():
+            memory.close()
+        _attached.clear()
+        _attached[name] = SharedMemory(name)
+    slices = slot.view(_attached[name], index)
+    reasons = []
+    for k, path in enumerate(paths):
+        try:
+            slices[k] = to_channels(read_hu(path), slot.channels, slot.size)
+            reasons.append(None)
+        except DicomError as err:
+            reasons.append(err.reason)
+    return reasons
 
 
 def _one_thread() -> None:
