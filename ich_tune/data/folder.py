@@ -151,17 +151,17 @@ def decode(images: list[FolderImage], channel_spec: str | list, size: int,
     """(image, [C, S, S] channels or the reason it failed) for every image, in the order given."""
     paths = [image.path for image in images]
     chunks = [paths[start:start + DECODE_CHUNK] for start in range(0, len(paths), DECODE_CHUNK)]
+    channels = parse_channels(channel_spec)
     if isinstance(run, Workers):
-        results = _decode_shared(run, chunks, channel_spec, size)
+        results = _decode_shared(run, chunks, channels, size)
     else:
-        results = run(decode_files, [(chunk, channel_spec, size) for chunk in chunks])
+        results = run(decode_files, [(chunk, channels, size) for chunk in chunks])
     return zip(images, _flat(results), strict=True)
 
 
-def decode_files(task: tuple[list[str], str | list, int]) -> list[np.ndarray | str]:
+def decode_files(task: tuple[list[str], tuple[Channel, ...], int]) -> list[np.ndarray | str]:
     """Each file's channels as training's cache holds them, or why it failed."""
-    paths, channel_spec, size = task
-    channels = parse_channels(channel_spec)
+    paths, channels, size = task
     results = []
     for path in paths:
         try:
@@ -209,12 +209,12 @@ def readers(workers: int | None) -> Iterator[Runner]:
         yield Workers(pool, AHEAD * workers)
 
 
-def _decode_shared(run: Workers, chunks: list[list[str]], channel_spec: str | list,
+def _decode_shared(run: Workers, chunks: list[list[str]], channels: tuple[Channel, ...],
                    size: int) -> Iterator[list[np.ndarray | str]]:
     """decode_files in the workers, each chunk's slices written to one of `run.ahead` slots of
     shared memory: a slot is reused only once its chunk has been copied out, as `run` submits a
     task only after taking the result `ahead` tasks before it."""
-    slot = Slot(parse_channels(channel_spec), size, DECODE_CHUNK)
+    slot = Slot(channels, size, DECODE_CHUNK)
     memory = SharedMemory(create=True, size=run.ahead * slot.bytes)
     try:
         tasks = ((chunk, slot, memory.name, index % run.ahead) for index, chunk in enumerate(chunks))
@@ -261,14 +261,11 @@ def decode_into(task: tuple[list[str], Slot, str, int]) -> list[str | None]:
         _attached.clear()
         _attached[name] = SharedMemory(name)
     slices = slot.view(_attached[name], index)
-    reasons = []
-    for k, path in enumerate(paths):
-        try:
-            slices[k] = to_channels(read_hu(path), slot.channels, slot.size)
-            reasons.append(None)
-        except DicomError as err:
-            reasons.append(err.reason)
-    return reasons
+    results = decode_files((paths, slot.channels, slot.size))
+    for k, result in enumerate(results):
+        if not isinstance(result, str):
+            slices[k] = result
+    return [result if isinstance(result, str) else None for result in results]
 
 
 def _one_thread() -> None:
