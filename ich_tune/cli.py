@@ -26,9 +26,9 @@ def _add_config_args(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def cmd_show_config(args: argparse.Namespace) -> int:
-    from ich_tune.config import load_experiment, load_search
     from ich_tune.config.loader import load_tree
     from ich_tune.config.markers import substitute
+    from ich_tune.experiment import load_experiment, load_search
 
     tree, _ = load_tree(args.file)
     if "experiment" not in tree:
@@ -67,7 +67,7 @@ def _add_rescan(parser: argparse.ArgumentParser) -> None:
 
 def _experiment(args: argparse.Namespace):
     """The experiment file with --set and --data-root applied."""
-    from ich_tune.config import load_experiment
+    from ich_tune.experiment import load_experiment
 
     overrides = list(args.overrides)
     if getattr(args, "data_root", None):
@@ -76,16 +76,16 @@ def _experiment(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ich_tune.checkpoint import save_checkpoint
     from ich_tune.data.prepare import prepare_cache
-    from ich_tune.metrics import format_metrics
-    from ich_tune.train import train
+    from ich_tune.evaluation.metrics import format_metrics
+    from ich_tune.training.checkpoint import save_checkpoint
+    from ich_tune.training.loop import train
 
     config, _ = _experiment(args)
     out = args.out or Path("runs/train") / f"{args.file.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
     if config.model.init_from:  # an MLflow run or search is fetched to a file once, here
-        from ich_tune.weights import resolve_weights
+        from ich_tune.tracking.references import resolve_weights
 
         config.model.init_from = str(resolve_weights(config.model.init_from, None, out / "init")[0])
     (out / "config.yaml").write_text(_yaml(dataclasses.asdict(config)))
@@ -124,10 +124,10 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ich_tune.config import load_search
-    from ich_tune.search import RunOptions, run_search
-    from ich_tune.storage import name_of
-    from ich_tune.tracking import ui_hint
+    from ich_tune.experiment import load_search
+    from ich_tune.search.driver import RunOptions, run_search
+    from ich_tune.search.storage import name_of
+    from ich_tune.tracking.client import ui_hint
     from ich_tune.trials import COMPLETED, checkpoint_uri, table
 
     storage = [f"storage={json.dumps(args.storage)}"] if args.storage else []
@@ -170,7 +170,7 @@ def _resume_command(args: argparse.Namespace, run_name: str) -> str:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from ich_tune.predict import predict_dicom, save_predictions
-    from ich_tune.weights import load_trained
+    from ich_tune.tracking.references import load_trained
 
     if args.out.is_dir():  # found now, not after the whole folder has been predicted
         raise UserError(f"--out {args.out}: a folder; give the submission file to write, e.g. "
@@ -186,9 +186,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ich_tune.metrics import format_metrics
+    from ich_tune.evaluation.metrics import format_metrics
     from ich_tune.predict import evaluate_split
-    from ich_tune.weights import load_trained
+    from ich_tune.tracking.references import load_trained
 
     model, config = load_trained(args.model, args.tracking_uri, args.config)
     if args.data_root:
@@ -201,7 +201,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from ich_tune.report import search_report
+    from ich_tune.tracking.report import search_report
 
     print(search_report(args.name, args.sort, args.tracking_uri, args.run))
     return 0

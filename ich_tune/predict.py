@@ -33,11 +33,11 @@ from ich_tune.data.labels import CLASSES, HEADER, read_labels
 from ich_tune.data.loader import validation_batches
 from ich_tune.data.prepare import load_splits, prepare_cache
 from ich_tune.data.synthetic import RSNA_ANY, RSNA_RATES
-from ich_tune.device import place
 from ich_tune.errors import DataError, UserError
-from ich_tune.metrics import compute_metrics
+from ich_tune.evaluation.metrics import compute_metrics
 from ich_tune.progress import Progress
-from ich_tune.train import predict_batches
+from ich_tune.training.device import place
+from ich_tune.training.loop import predict_batches
 
 SUBMISSION_CLIP = 1e-6  # competition practice: a confident mistake must not cost an infinite log loss
 SPLITS = ("val", "all")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ich_tune.config import build_experiment
 from ich_tune.config.loader import merge
+from ich_tune.experiment import build_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -103,8 +103,8 @@ def test_bench_search_figures_are_nan_without_an_ended_run_or_a_slot(monkeypatch
 
     import ray
 
-    from ich_tune import tracking
     from ich_tune.bench.search import measure
+    from ich_tune.tracking import client as tracking
 
     run = SimpleNamespace(info=SimpleNamespace(start_time=1000, end_time=5000 if ended else None))
     monkeypatch.setattr(tracking, "child_runs", lambda client, parent: [run])

@@ -7,14 +7,15 @@ import torch
 from torch import nn
 
 from ich_tune import models
-from ich_tune.checkpoint import load_checkpoint, load_weights, save_checkpoint
-from ich_tune.config import build_experiment
+from ich_tune.config import schema
 from ich_tune.config.schema import ModelConfig, bounded
 from ich_tune.data.prepare import prepare_cache
 from ich_tune.errors import ConfigError, UserError
+from ich_tune.experiment import build_experiment
 from ich_tune.models import build_model
 from ich_tune.models.resnet import ResNetClassifier2d
-from ich_tune.train import train
+from ich_tune.training.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from ich_tune.training.loop import train
 from tests.conftest import tiny_tree
 
 
@@ -23,6 +24,7 @@ def tiny_family(monkeypatch):
     """A second family, as a new file under ich_tune/models/ would define it (registered for this test
     only): a 1x1 convolution of `width` features, global mean, linear head."""
     monkeypatch.setattr(models, "FAMILIES", dict(models.FAMILIES))
+    monkeypatch.setattr(schema, "MODEL_FAMILIES", dict(schema.MODEL_FAMILIES))
 
     @dataclass
     class TinyConfig(ModelConfig):

@@ -24,11 +24,12 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from ich_tune import storage
 from ich_tune.errors import UserError
-from ich_tune.report import search_report
-from ich_tune.tracking import TAG_NODE, TAG_RESTARTS, TAG_TRIAL_ID, child_runs
-from ich_tune.train import CHECKPOINT_FILE
+from ich_tune.search import storage
+from ich_tune.tracking.client import child_runs
+from ich_tune.tracking.report import search_report
+from ich_tune.tracking.tags import TAG_NODE, TAG_RESTARTS, TAG_TRIAL_ID
+from ich_tune.training.loop import CHECKPOINT_FILE
 from tests.conftest import Cli, shared_cache, write_space
 from tests.services import mlflow_server, s3_server
 
@@ -182,8 +183,8 @@ def test_a_lost_worker_node_moves_its_trials_to_the_node_left(cluster_search):
 
 
 def test_resume_finds_the_run_in_the_bucket_through_ray(cluster_search):
-    from ich_tune.config import load_search
-    from ich_tune.search import RunOptions, resolve_run_dir
+    from ich_tune.experiment import load_search
+    from ich_tune.search.driver import RunOptions, resolve_run_dir
 
     bucket = f"storage={json.dumps(cluster_search.storage)}"
     search = load_search(cluster_search.space, [bucket])

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from ich_tune.config import load_experiment, load_search
 from ich_tune.config.loader import load_tree
 from ich_tune.errors import ConfigError
+from ich_tune.experiment import load_experiment, load_search
 from tests.conftest import Cli
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,11 +7,11 @@ did not decode, one without a position, one without a series.
 import numpy as np
 import pytest
 
-from ich_tune.config import load_search
 from ich_tune.config.schema import DataConfig
 from ich_tune.data.cache import ensure_cache
 from ich_tune.data.context import input_channels, neighbour_table, stack
 from ich_tune.errors import ConfigError
+from ich_tune.experiment import load_search
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # RSNA's ID_ UIDs

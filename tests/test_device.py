@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ich_tune import device
 from ich_tune.config.schema import TrainConfig
+from ich_tune.training import device
 
 
 class FakeCuda:

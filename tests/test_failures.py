@@ -15,9 +15,10 @@ from mlflow.tracking import MlflowClient
 from ray.tune import ExperimentAnalysis
 
 from ich_tune.errors import UserError
-from ich_tune.report import search_report
-from ich_tune.tracking import TAG_ENDED, TAG_MESSAGE, TAG_RESTARTS, TAG_TRIAL_ID, child_runs
-from ich_tune.train import OutOfMemory, is_out_of_memory, train
+from ich_tune.tracking.client import child_runs
+from ich_tune.tracking.report import search_report
+from ich_tune.tracking.tags import TAG_ENDED, TAG_MESSAGE, TAG_RESTARTS, TAG_TRIAL_ID
+from ich_tune.training.loop import OutOfMemory, is_out_of_memory, train
 from tests.conftest import Cli, write_space
 
 
@@ -107,8 +108,8 @@ def worker_pid(trial_dir: Path, other_than: int | None = None) -> int | None:
 def test_a_killed_trial_worker_resumes_from_its_checkpoint(ray_cluster, tiny_rsna, tmp_path):
     """Trial A's worker is SIGKILLed once (as the OOM killer would): it restarts from its checkpoint and
     finishes. Trial B's is killed twice with max_failures 1: it ends in error; the search finishes."""
-    from ich_tune.config import load_search
-    from ich_tune.search import RunOptions, run_search
+    from ich_tune.experiment import load_search
+    from ich_tune.search.driver import RunOptions, run_search
     from ich_tune.trials import table
 
     lrs = {"optimizer": {"lr": {"grid_search": [0.003, 0.001]}}}
@@ -185,7 +186,7 @@ def test_ctrl_c_marks_the_search_killed_and_resume_finishes_it(tiny_rsna, tmp_pa
 
 
 def test_a_second_driver_of_the_same_run_folder_is_refused(tmp_path):
-    from ich_tune.search import run_lock
+    from ich_tune.search.driver import run_lock
 
     run_dir = tmp_path / "space" / "r"
     refusal = rf"{run_dir}: another `run` \(pid {os.getpid()}\) is writing"

@@ -23,16 +23,16 @@ import pytest
 import torch
 import yaml
 
-from ich_tune.checkpoint import load_weights
-from ich_tune.config import build_experiment, load_experiment, load_search
 from ich_tune.config.loader import load_tree
 from ich_tune.data.channels import parse_channels
 from ich_tune.data.dicom import DicomError, read_header, read_slice
 from ich_tune.data.labels import CLASSES, read_labels, write_labels
 from ich_tune.errors import ConfigError, DataError, UserError
+from ich_tune.experiment import build_experiment, load_experiment, load_search
 from ich_tune.models import build_model
 from ich_tune.models.resnet import ResNetConfig
-from ich_tune.weights import load_trained
+from ich_tune.tracking.references import load_trained
+from ich_tune.training.checkpoint import load_weights
 from tests.conftest import ROOT, Cli, tiny_tree
 
 SEED = 20240917

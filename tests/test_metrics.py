@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from ich_tune.data.labels import CLASSES
-from ich_tune.metrics import compute_metrics, format_metrics, roc_auc, weighted_log_loss
+from ich_tune.evaluation.metrics import compute_metrics, format_metrics, roc_auc, weighted_log_loss
 
 NAN = math.nan
 

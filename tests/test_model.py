@@ -2,10 +2,10 @@ import pytest
 import torch
 from torch import nn
 
-from ich_tune.checkpoint import load_weights
 from ich_tune.errors import UserError
 from ich_tune.models import build_model, count_parameters
 from ich_tune.models.resnet import ResNetClassifier2d, ResNetConfig
+from ich_tune.training.checkpoint import load_weights
 
 
 def tiny(**overrides) -> ResNetClassifier2d:

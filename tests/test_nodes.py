@@ -102,7 +102,7 @@ def test_a_missing_token_is_one_message(tmp_path):
     address = f"127.0.0.1:{free_port()}"
     code = textwrap.dedent("""
         import sys, types
-        from ich_tune.cluster import start_ray
+        from ich_tune.search.cluster import start_ray
         from ich_tune.errors import UserError
         try:
             start_ray(types.SimpleNamespace(address=sys.argv[1], dashboard_port=None, num_gpus=None))
@@ -158,7 +158,7 @@ def test_a_late_node_is_prepared_for_its_first_trial_which_never_builds(ray_clus
     nothing; so does a trial whose data settings were never prepared."""
     import ray
 
-    from ich_tune.nodes import DataOnNodes
+    from ich_tune.search.nodes import DataOnNodes
 
     cfg = tiny_config()
     data = DataOnNodes([cfg.data])
@@ -188,7 +188,7 @@ def test_a_failed_preparation_is_tried_again_once_its_cause_is_fixed(ray_cluster
     """Data missing when the node is prepared: the search stops with one message. Once the data is
     there, the next ask prepares the node rather than repeating the old failure."""
     from ich_tune.errors import UserError
-    from ich_tune.nodes import DataOnNodes
+    from ich_tune.search.nodes import DataOnNodes
 
     later = tmp_path / "later"
     data = DataOnNodes([tiny_config(data={"root": str(later)}).data])
@@ -202,7 +202,7 @@ def test_a_failed_preparation_is_tried_again_once_its_cause_is_fixed(ray_cluster
 def test_a_trial_no_node_can_hold_is_one_message(ray_cluster, tiny_config):
     """Tune would keep such a trial pending forever."""
     from ich_tune.errors import UserError
-    from ich_tune.nodes import DataOnNodes
+    from ich_tune.search.nodes import DataOnNodes
 
     data = DataOnNodes([tiny_config().data])
     with pytest.raises(UserError, match=r"asks for 64 CPU and 0 GPU .* the largest node has 2 CPU and 1 GPU"):
@@ -213,7 +213,7 @@ def test_rescan_reaches_every_node(ray_cluster, tiny_rsna, tiny_config, tmp_path
     """run --rescan: a node's preparation checks every file, and sees one rewritten in place."""
     from ich_tune.data.cache import find_dicom_files, open_cache
     from ich_tune.data.prepare import prepare_cache
-    from ich_tune.nodes import DataOnNodes
+    from ich_tune.search.nodes import DataOnNodes
 
     root = shutil.copytree(tiny_rsna, tmp_path / "data")
     for folder in (root, *root.rglob("*")):  # changed long ago: the cheap check trusts it
@@ -230,9 +230,9 @@ def test_rescan_reaches_every_node(ray_cluster, tiny_rsna, tiny_config, tmp_path
 def test_two_processes_building_one_cache_at_once_leave_one_valid_cache(tiny_rsna, tmp_path):
     """Two `preprocess` processes start on a cache dir whose build lock is held, as by a third builder:
     both wait in flock, then one builds and the other finds its cache."""
-    from ich_tune.config import build_experiment
     from ich_tune.data.cache import open_cache
     from ich_tune.data.prepare import prepare_cache
+    from ich_tune.experiment import build_experiment
 
     cache_dir = tmp_path / "cache"
     tree = tiny_tree(tiny_rsna, cache_dir, data={"workers": 1})
@@ -266,9 +266,9 @@ def test_two_processes_building_one_cache_at_once_leave_one_valid_cache(tiny_rsn
 def test_data_variants_are_the_listed_cache_settings_and_a_sampled_one_is_refused(tiny_rsna, tmp_path):
     """lod x channels listed: one cache each; a searched key that only changes how the cache is read adds
     none; lod drawn from a range cannot be prepared ahead, and the message names the file and key."""
-    from ich_tune.config import load_search
     from ich_tune.errors import ConfigError
-    from ich_tune.nodes import data_variants
+    from ich_tune.experiment import load_search
+    from ich_tune.search.nodes import data_variants
 
     space = write_space(tmp_path, tiny_rsna, experiment={"data": {
         "lod": {"grid_search": [0, 1]}, "channels": {"choice": [["brain"], ["brain", "bone"]]},

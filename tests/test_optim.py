@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ich_tune.config.schema import OptimizerConfig, ScheduleConfig
-from ich_tune.optim import make_loss, make_optimizer, make_scheduler
+from ich_tune.training.optim import make_loss, make_optimizer, make_scheduler
 
 LOGITS = torch.tensor([[0.0, 2.0, -1.0, 0.5, -3.0, 1.0],
                        [1.0, -2.0, 0.0, 0.0, 3.0, -0.5]])

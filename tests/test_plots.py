@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from ich_tune import plots
+from ich_tune.evaluation import plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -16,7 +16,6 @@ from pydicom.uid import generate_uid
 
 import ich_tune.data.folder
 from ich_tune.cli import main
-from ich_tune.config import build_experiment
 from ich_tune.config.schema import ExperimentConfig
 from ich_tune.data.cache import open_cache
 from ich_tune.data.channels import parse_channels, to_channels
@@ -25,8 +24,8 @@ from ich_tune.data.labels import CLASSES, read_labels, write_labels
 from ich_tune.data.loader import validation_batches
 from ich_tune.data.prepare import load_splits, prepare_cache
 from ich_tune.data.synthetic import RSNA_ANY, RSNA_RATES, SUBMISSION_CSV
-from ich_tune.device import place
 from ich_tune.errors import UserError
+from ich_tune.experiment import build_experiment
 from ich_tune.predict import (
     SUBMISSION_CLIP,
     evaluate_split,
@@ -35,8 +34,9 @@ from ich_tune.predict import (
     save_predictions,
     write_submission,
 )
-from ich_tune.train import predict_batches, train
-from ich_tune.weights import load_trained
+from ich_tune.tracking.references import load_trained
+from ich_tune.training.device import place
+from ich_tune.training.loop import predict_batches, train
 from tests.conftest import tiny_tree
 from tests.test_weights import save_trained
 

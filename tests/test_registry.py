@@ -21,13 +21,14 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from ich_tune import registry
 from ich_tune.cli import main
-from ich_tune.config import load_search
+from ich_tune.data.fingerprint import data_fingerprint
 from ich_tune.data.labels import CLASSES
 from ich_tune.data.prepare import prepare_cache
 from ich_tune.errors import UserError
-from ich_tune.weights import load_trained, resolve_weights
+from ich_tune.experiment import load_search
+from ich_tune.tracking import registry
+from ich_tune.tracking.references import load_trained, resolve_weights
 from tests.conftest import shared_cache, write_space
 from tests.services import mlflow_server
 
@@ -51,7 +52,7 @@ class Served:
 
 def search_into(url: str, folder: Path, tiny_rsna: Path, lr: float) -> Searched:
     """One 3-step SGD trial recorded in the server, everything it says captured."""
-    from ich_tune.search import RunOptions, run_search
+    from ich_tune.search.driver import RunOptions, run_search
 
     folder.mkdir()
     space = write_space(folder, tiny_rsna, experiment={
@@ -113,7 +114,7 @@ def test_the_best_model_is_a_registered_version_and_the_champion(served):
     assert float(tags[registry.TAG_VALUE]) == outcome.best.best
     search = load_search(served.first.space)
     data = search.trial_experiment(search.first_values).data
-    assert tags[registry.TAG_DATA] == registry.data_fingerprint(prepare_cache(data, log=print), data)
+    assert tags[registry.TAG_DATA] == data_fingerprint(prepare_cache(data, log=print), data)
 
 
 @pytest.mark.slow
@@ -124,7 +125,7 @@ def test_the_logged_model_runs_no_code_from_its_files(served, tmp_path):
     folder = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path)))
     meta = mlflow.models.Model.load(folder / "MLmodel")
     assert meta.flavors.keys() == {"python_function"}
-    assert meta.flavors["python_function"]["loader_module"] == "ich_tune.mlflow_model"
+    assert meta.flavors["python_function"]["loader_module"] == "ich_tune.tracking.pyfunc"
     assert not [p for p in folder.rglob("*") if p.suffix in (".pkl", ".pickle")]
     assert "ich_tune" not in (folder / "requirements.txt").read_text()  # never fetched from an index by name
     [tensor] = meta.signature.inputs.inputs
@@ -223,10 +224,10 @@ def test_the_data_fingerprint_follows_the_validation_slices_and_their_preparatio
         return tiny_config(data={"cache_dir": str(shared_cache(tiny_rsna)), **change}).data
 
     cache = prepare_cache(data(), log=lambda *_: None)
-    fingerprint = registry.data_fingerprint(cache, data())
-    assert registry.data_fingerprint(cache, data(augment=True, workers=1)) == fingerprint  # not the val data
+    fingerprint = data_fingerprint(cache, data())
+    assert data_fingerprint(cache, data(augment=True, workers=1)) == fingerprint  # not the val data
     for change in ({"split_seed": 1}, {"train_fraction": 0.5}, {"context": 1}):
-        assert registry.data_fingerprint(cache, data(**change)) != fingerprint, change
+        assert data_fingerprint(cache, data(**change)) != fingerprint, change
 
 
 def test_a_registered_model_name_that_breaks_models_uris_is_refused(tiny_rsna, tmp_path):

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from ich_tune.cli import main
 from ich_tune.errors import UserError
-from ich_tune.report import search_report
+from ich_tune.tracking.report import search_report
 
 
 @pytest.fixture(scope="module")

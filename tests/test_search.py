@@ -12,7 +12,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from ich_tune.tracking import TAG_ENDED, TAG_RESTARTS, TAG_TRIAL_ID, child_runs
+from ich_tune.tracking.client import child_runs
+from ich_tune.tracking.tags import TAG_ENDED, TAG_RESTARTS, TAG_TRIAL_ID
 from tests.conftest import Cli, free_port, shared_cache
 from tests.conftest import write_space as shared_write_space
 from tests.test_failures import wait_for, worker_pid
@@ -31,7 +32,7 @@ def results(trial_dir: Path) -> list[dict]:
 
 def in_thread(search, options):
     """run_search on a driver thread, so the test can act on the trials while they run."""
-    from ich_tune.search import run_search
+    from ich_tune.search.driver import run_search
 
     outcome: dict = {}
 
@@ -51,8 +52,8 @@ def optuna_search(ray_cluster, tiny_rsna, tmp_path_factory):
     """An Optuna (TPE) search over a `choice` and a `loguniform` dimension with ASHA, two trials one
     after the other: seeded, the first draws lr 0.05 and the second lr 1e-6, which is worse at the
     first rung (step 3), so ASHA stops it there. TensorBoard and an example grid every 3 steps."""
-    from ich_tune.config import load_search
-    from ich_tune.search import RunOptions, run_search
+    from ich_tune.experiment import load_search
+    from ich_tune.search.driver import RunOptions, run_search
 
     folder = tmp_path_factory.mktemp("optuna")
     space = write_space(folder, tiny_rsna, experiment={
@@ -69,8 +70,8 @@ def test_search_records_every_trial_and_the_best_model(optuna_search, tmp_path):
     import numpy as np
     import torch
 
-    from ich_tune.train import CHECKPOINT_FILE
-    from ich_tune.weights import load_trained
+    from ich_tune.tracking.references import load_trained
+    from ich_tune.training.loop import CHECKPOINT_FILE
 
     outcome = optuna_search
     assert sorted(t.status for t in outcome.trials) == ["finished", "stopped early"]
@@ -141,8 +142,8 @@ def test_quarter_gpu_holds_four_trials_at_once(ray_cluster, tiny_rsna, tmp_path)
     staging folder), so the trials are long enough to still be running then."""
     import ray
 
-    from ich_tune.config import load_search
-    from ich_tune.search import RunOptions
+    from ich_tune.experiment import load_search
+    from ich_tune.search.driver import RunOptions
 
     space = write_space(tmp_path, tiny_rsna, resources={"cpu": 0.5, "gpu": 0.25},
                         scheduler={"name": "fifo"}, num_train_steps=200, val_interval=20,
@@ -182,8 +183,8 @@ def test_quarter_gpu_holds_four_trials_at_once(ray_cluster, tiny_rsna, tmp_path)
 def test_randomize_seed_gives_each_trial_its_own_seed_kept_across_a_retry(ray_cluster, tiny_rsna, tmp_path):
     """Trial A's worker is SIGKILLed after its first checkpoint; Ray restarts it from there. The seed it
     reports is the same before and after the restart, and differs from trial B's."""
-    from ich_tune.config import load_search
-    from ich_tune.search import RunOptions
+    from ich_tune.experiment import load_search
+    from ich_tune.search.driver import RunOptions
 
     space = write_space(tmp_path, tiny_rsna, scheduler={"name": "fifo"}, num_train_steps=300,
                         val_interval=30, randomize_seed=True,
@@ -298,8 +299,8 @@ def test_a_run_folder_that_exists_is_refused(tiny_rsna, tmp_path):
 
 
 def test_init_from_a_search_is_fetched_to_a_local_file_before_trials_start(recorded_search, tmp_path):
-    from ich_tune.search import resolve_init_from
-    from ich_tune.weights import load_trained
+    from ich_tune.search.driver import resolve_init_from
+    from ich_tune.tracking.references import load_trained
 
     tree = {"model": {"init_from": "search:space", "dropout": 0.1}, "data": {"lod": 0}}
     resolved = resolve_init_from(tree, recorded_search.tracking_uri, tmp_path / "init")
@@ -318,9 +319,9 @@ def test_optuna_searcher_tells_pruned_completed_and_failed_apart():
     from optuna.trial import TrialState
     from ray import tune
 
-    from ich_tune.config import Search
     from ich_tune.config.schema import SearchConfig
-    from ich_tune.search import make_search_alg
+    from ich_tune.experiment import Search
+    from ich_tune.search.driver import make_search_alg
 
     config = SearchConfig(metric="val_accuracy")
     config.search_alg.name = "optuna"

@@ -9,9 +9,9 @@ import pytest
 import torch
 import yaml
 
-from ich_tune.checkpoint import load_checkpoint
 from ich_tune.data.prepare import prepare_cache
-from ich_tune.train import CHECKPOINT_FILE, HPARAM_METRICS, LossNotFinite, train, write_hparams
+from ich_tune.training.checkpoint import load_checkpoint
+from ich_tune.training.loop import CHECKPOINT_FILE, HPARAM_METRICS, LossNotFinite, train, write_hparams
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,8 +16,8 @@ from ray.tune import ExperimentAnalysis
 
 from ich_tune.cli import main
 from ich_tune.errors import UserError
-from ich_tune.tracking import TAG_PARENT, TAG_SEARCH_DIR
-from ich_tune.weights import load_trained, resolve_weights
+from ich_tune.tracking.references import load_trained, resolve_weights
+from ich_tune.tracking.tags import TAG_PARENT, TAG_SEARCH_DIR
 from tests.conftest import shared_cache, tiny_tree
 
 

@@ -28,7 +28,7 @@ def train_share(fraction: float, steps: int) -> dict:
     import torch
 
     from ich_tune.models.resnet import ResNetClassifier2d
-    from ich_tune.optim import make_loss
+    from ich_tune.training.optim import make_loss
 
     torch.cuda.set_per_process_memory_fraction(fraction)
     model = ResNetClassifier2d(1, hidden_dims=(256, 192, 128, 64), dropout=0.15).cuda()

@@ -93,8 +93,8 @@ def variant_overrides(name: str, search) -> list[str]:
 
 def compare(args: argparse.Namespace, names: list[str]) -> dict:
     """Run every variant; figures per variant, and the grid's as the reference."""
-    from ich_tune.config import load_search
-    from ich_tune.search import RunOptions, run_search
+    from ich_tune.experiment import load_search
+    from ich_tune.search.driver import RunOptions, run_search
 
     # a bench variant is not a candidate model: registering it would add versions and could move champion
     base = [*args.overrides, f"storage={args.storage}", "registered_model=''"]
@@ -122,7 +122,7 @@ def measure(outcome, search) -> dict:
     import ray
     from mlflow.tracking import MlflowClient
 
-    from ich_tune.tracking import child_runs
+    from ich_tune.tracking.client import child_runs
     from ich_tune.trials import STOPPED_EARLY, best_of
 
     config = search.config
@@ -187,7 +187,8 @@ def log_to_mlflow(figures: dict, names: list[str], args: argparse.Namespace) -> 
     written beside the search runs on disk)."""
     from mlflow.tracking import MlflowClient
 
-    from ich_tune import plots, tracking
+    from ich_tune.evaluation import plots
+    from ich_tune.tracking import client as tracking
 
     storage = args.storage.resolve()
     uri = tracking.default_tracking_uri(storage)
@@ -213,7 +214,7 @@ def log_to_mlflow(figures: dict, names: list[str], args: argparse.Namespace) -> 
 
 def estimate(args: argparse.Namespace) -> int:
     """The original's cost of a search beside ours, before running it."""
-    from ich_tune.config import load_search
+    from ich_tune.experiment import load_search
 
     for flag, value in (("--step-time", args.step_time), ("--packing", args.packing)):
         if value is not None and not value > 0:
@@ -286,9 +287,9 @@ def measure_step_time(search, steps: int = 10, budget_s: float = 20.0) -> tuple[
     import torch
 
     from ich_tune.data.context import input_channels
-    from ich_tune.device import place
     from ich_tune.models import build_model
-    from ich_tune.optim import make_loss, make_optimizer
+    from ich_tune.training.device import place
+    from ich_tune.training.optim import make_loss, make_optimizer
 
     config = search.trial_experiment(search.first_values)
     placement = place(config.train)

@@ -25,8 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ich_tune.config import load_experiment
     from ich_tune.data.prepare import prepare_cache
+    from ich_tune.experiment import load_experiment
 
     config, _ = load_experiment(args.experiment)
     warmup = 10
@@ -76,7 +76,7 @@ def real_loop_rate(config, cache: Path, warmup: int) -> float:
     """Steps/s of `train` between its progress lines at step `warmup` and at the last step."""
     import tempfile
 
-    from ich_tune.train import train
+    from ich_tune.training.loop import train
 
     stamps: dict[int, float] = {}
 
@@ -99,7 +99,7 @@ def bare_loop_rate(config, cache: Path, steps: int) -> float:
     from ich_tune.data.context import input_channels, with_context
     from ich_tune.data.loader import gather, to_float
     from ich_tune.models import build_model
-    from ich_tune.optim import make_loss, make_optimizer
+    from ich_tune.training.optim import make_loss, make_optimizer
 
     stacked = with_context(open_cache(cache), config.data.context)  # the batch training would see
     batch, _ = gather(stacked, np.arange(config.train.batch_size))
@@ -124,7 +124,7 @@ def gpu_table() -> list[dict]:
     import torch
 
     from ich_tune.models.resnet import ResNetClassifier2d
-    from ich_tune.optim import make_loss
+    from ich_tune.training.optim import make_loss
 
     rows = []
     print(f"  GPU: {torch.cuda.get_device_name()}, halfres model (hidden_dims 256,192,128,64), MSE, Adam")

@@ -71,14 +71,17 @@ class ModelConfig:
     @staticmethod
     def family(name: Any, path: str = "model", origins: Origins | None = None) -> type[ModelConfig]:
         """The config class of model family `name`."""
-        from ich_tune.models import FAMILIES
-
-        if name not in FAMILIES:
-            close = difflib.get_close_matches(str(name), [str(k) for k in FAMILIES], n=1)
-            hint = f"Did you mean '{close[0]}'?" if close else f"Known: {', '.join(FAMILIES)}."
+        if name not in MODEL_FAMILIES:
+            close = difflib.get_close_matches(str(name), [str(k) for k in MODEL_FAMILIES], n=1)
+            hint = f"Did you mean '{close[0]}'?" if close else f"Known: {', '.join(MODEL_FAMILIES)}."
             raise ConfigError(f"{where(_join(path, 'name'), origins or {})}: unknown model family "
                               f"{_show(name)}. {hint}")
-        return FAMILIES[name][1]
+        return MODEL_FAMILIES[name]
+
+
+# family name -> the dataclass of its arguments; each module of ich_tune.models adds its own on import
+# (ich_tune.experiment imports them all), so this language needs no torch
+MODEL_FAMILIES: dict[str, type[ModelConfig]] = {}
 
 
 def default_model() -> ModelConfig:

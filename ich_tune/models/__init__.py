@@ -14,6 +14,7 @@ import pkgutil
 
 from torch import nn
 
+from ich_tune.config import schema
 from ich_tune.config.schema import ModelConfig
 
 FAMILIES: dict[str, tuple[type[nn.Module], type[ModelConfig]]] = {}  # name -> (network, arguments)
@@ -23,6 +24,7 @@ def register(arguments: type[ModelConfig]):
     """Class decorator: the network is the family named after its class, taking these arguments."""
     def add(network: type[nn.Module]) -> type[nn.Module]:
         FAMILIES[network.__name__] = (network, arguments)
+        schema.MODEL_FAMILIES[network.__name__] = arguments  # what the config language checks
         return network
     return add
 

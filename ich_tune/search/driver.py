@@ -24,21 +24,27 @@ from pathlib import Path
 
 import ray
 import yaml
+from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule, TrialScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
-from ich_tune import storage
-from ich_tune.cluster import start_ray
-from ich_tune.config import Search, build_experiment
 from ich_tune.config.markers import to_param_space
 from ich_tune.config.schema import SearchConfig
 from ich_tune.data.prepare import prepare_cache, resolve_root
 from ich_tune.errors import Interrupted, UserError
-from ich_tune.nodes import DataOnNodes, data_variants
-from ich_tune.train import TrainingFailed, train, write_hparams
+from ich_tune.experiment import Search, build_experiment
+from ich_tune.search import storage
+from ich_tune.search.cluster import start_ray
+from ich_tune.search.nodes import DataOnNodes, data_variants
+from ich_tune.tracking import client as tracking
+from ich_tune.tracking.callback import MlflowTrials
+from ich_tune.tracking.publish import log_search_result
+from ich_tune.tracking.references import resolve_weights
+from ich_tune.tracking.tags import TAG_METRIC, TAG_MODE
+from ich_tune.training.loop import TrainingFailed, train, write_hparams
 from ich_tune.trials import (
     DIVERGED,
     ENDED_KEY,
@@ -212,8 +218,6 @@ def absolute_paths(tree: dict, data_root: Path | None) -> dict:
 
 def resolve_init_from(tree: dict, tracking_uri: str, dest: Path) -> dict:
     """`model.init_from` as a local weights file: an MLflow run or a search's best is fetched once."""
-    from ich_tune.weights import resolve_weights
-
     spec = tree.get("model", {}).get("init_from")
     if not isinstance(spec, str):
         return tree
@@ -324,10 +328,6 @@ def run_search(search: Search, options: RunOptions, log=print) -> SearchOutcome:
 
 
 def _run(search: Search, options: RunOptions, run_dir: str, local: Path, log) -> SearchOutcome:
-    from mlflow.tracking import MlflowClient
-
-    from ich_tune import tracking
-
     config = search.config
     uri = options.tracking_uri or config.tracking_uri or tracking.default_tracking_uri(local)
     experiment = resolve_init_from(absolute_paths(search.experiment, options.data_root), uri,
@@ -337,7 +337,7 @@ def _run(search: Search, options: RunOptions, run_dir: str, local: Path, log) ->
     variants = data_variants(search, experiment)  # each node's caches, prepared once Ray is up
     resolve_root(first.data, log)  # missing data is one message before Ray starts
 
-    start_ray(options, log)
+    start_ray(options.address, options.dashboard_port, options.num_gpus, log)
     resources = {"cpu": config.resources.cpu, "gpu": config.resources.gpu}
     if resources["gpu"] and not ray.cluster_resources().get("GPU"):
         log(f"warning: no GPU in this Ray cluster; trials run on CPU (resources.gpu {resources['gpu']:g} "
@@ -352,7 +352,7 @@ def _run(search: Search, options: RunOptions, run_dir: str, local: Path, log) ->
                                     None if tracking.is_server(uri) else local / "mlartifacts")
     parent_id = tracking.parent_run(client, exp_id, run_dir, storage.name_of(run_dir), {
         "ich_tune.search_file": str(search.path), "ich_tune.search": search.name,
-        tracking.TAG_METRIC: config.metric, tracking.TAG_MODE: config.mode})
+        TAG_METRIC: config.metric, TAG_MODE: config.mode})
     if not options.resume:
         resolved = {**dataclasses.asdict(config), "experiment": experiment}
         client.log_text(parent_id, yaml.safe_dump(resolved, sort_keys=False), "search/resolved.yaml")
@@ -379,7 +379,7 @@ def _run(search: Search, options: RunOptions, run_dir: str, local: Path, log) ->
         log(f"resuming {run_dir}")
         tuner = tune.Tuner.restore(run_dir, trainable, resume_errored=True)
     else:
-        callback = tracking.MlflowTrials(uri, exp_id, parent_id, budget, [d.path for d in search.dimensions])
+        callback = MlflowTrials(uri, exp_id, parent_id, budget, [d.path for d in search.dimensions])
         tuner = tune.Tuner(
             trainable,
             param_space=to_param_space(experiment, search.dimensions),
@@ -415,7 +415,7 @@ def _run(search: Search, options: RunOptions, run_dir: str, local: Path, log) ->
     cache = prepare_cache(build_experiment(best.config, {}).data, log) if best else None
     # a checkpoint may sit in a bucket: Ray fetches it into a local folder (or hands over its own)
     with best.checkpoint.as_directory() if best else contextlib.nullcontext() as folder:
-        published = tracking.log_search_result(
+        published = log_search_result(
             client, uri, parent_id, trials, best, Path(folder) if folder else None, cache, config.metric,
             mode=config.mode, registered_model=search.name if config.registered_model is None
             else config.registered_model)

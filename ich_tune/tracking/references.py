@@ -4,32 +4,30 @@ MLflow model (logged or registered).
 `predict` and `evaluate` take one --model argument in any of these forms. They need the weights and
 the experiment config that trained them: the config rebuilds the same network and the same input
 channels and size, so a model is never fed pixels prepared differently from its training data.
-MLflow (and Ray, through ich_tune.tracking) is imported only for the MLflow forms, so a local
-weights file loads without their start-up cost.
+MLflow is imported only for the MLflow forms, so a local weights file loads without its start-up cost.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from ich_tune.checkpoint import load_checkpoint, load_state
-from ich_tune.config import build_experiment, load_experiment
 from ich_tune.config.loader import parse_yaml, read_text
 from ich_tune.config.schema import ExperimentConfig
 from ich_tune.data.channels import parse_channels
 from ich_tune.data.context import input_channels
 from ich_tune.errors import ConfigError, UserError
+from ich_tune.experiment import build_experiment, load_experiment
 from ich_tune.models import build_model
-from ich_tune.train import CHECKPOINT_FILE
+from ich_tune.tracking import pyfunc
+from ich_tune.tracking.client import known_searches, mlflow_client, tracking_errors, ui_hint
+from ich_tune.tracking.tags import TAG_PARENT, TAG_SEARCH_DIR
+from ich_tune.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_state
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -44,46 +42,6 @@ MODEL_ID = re.compile(r"m-[0-9a-f]{32}")  # MLflow 3's logged models: models:/<m
 FORMS = ("a weights file (.pt), a checkpoint or train --out folder, an MLflow run id (32 hex digits), "
          "runs:/<run id>, search:<name>, models:/<name>@<alias>, models:/<name>/<version> or "
          "models:/<model id>")
-
-
-def default_tracking_uri() -> str:
-    """The SQLite store a search writes by default (`runs/mlflow.db` under the working directory)."""
-    from ich_tune.config.schema import SearchConfig
-    from ich_tune.tracking import default_tracking_uri as for_storage
-
-    return for_storage(Path(SearchConfig().storage))
-
-
-def mlflow_client(tracking_uri: str | None) -> tuple[MlflowClient, str]:
-    """An MlflowClient and its URI; refuses a SQLite path that does not exist (MLflow would create it)."""
-    from mlflow.tracking import MlflowClient
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bars for a file or two are noise
-    uri = tracking_uri or default_tracking_uri()
-    if uri.startswith("sqlite:///"):
-        database = Path(uri.removeprefix("sqlite:///"))
-        if not database.is_file():
-            raise UserError(f"no MLflow database at {database}: run a search first (`python -m ich_tune "
-                            "run ...`) from this folder, or pass --tracking-uri.")
-    return MlflowClient(uri), uri
-
-
-@contextlib.contextmanager
-def tracking_errors() -> Iterator[None]:
-    """An MLflow failure (bad URI scheme, server unreachable, ...) as one line for the user."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        yield
-    except MlflowException as err:
-        message = str(err.message).strip() or type(err).__name__
-        raise UserError(f"MLflow: {message.splitlines()[0]} (check --tracking-uri)") from None
-
-
-def known_searches(client) -> str:
-    """The experiment names in a tracking store, for messages."""
-    names = sorted(e.name for e in client.search_experiments() if e.name != "Default")
-    return ", ".join(names) if names else "none yet"
 
 
 def resolve_weights(spec: str, tracking_uri: str | None, dest: Path) -> tuple[Path, dict | None]:
@@ -172,7 +130,6 @@ def _from_run(run_id: str, tracking_uri: str | None, dest: Path) -> tuple[Path, 
     """best/weights.pt and best/config.yaml of a search's parent run."""
     from mlflow.exceptions import MlflowException
 
-    from ich_tune.tracking import TAG_PARENT, ui_hint
 
     client, uri = mlflow_client(tracking_uri)
     try:
@@ -195,8 +152,6 @@ def _from_run(run_id: str, tracking_uri: str | None, dest: Path) -> tuple[Path, 
 
 def _from_search(name: str, tracking_uri: str | None, dest: Path) -> tuple[Path, dict | None]:
     """The latest finished search of that name that saved its best weights."""
-    from ich_tune.tracking import TAG_SEARCH_DIR
-
     client, uri = mlflow_client(tracking_uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
@@ -213,22 +168,20 @@ def _from_search(name: str, tracking_uri: str | None, dest: Path) -> tuple[Path,
 
 
 def _from_model(spec: str, tracking_uri: str | None, dest: Path) -> Path:
-    """The weights file inside an MLflow model this project logged (ich_tune.mlflow_model)."""
+    """The weights file inside an MLflow model this project logged (ich_tune.tracking.pyfunc)."""
     from mlflow.artifacts import download_artifacts
     from mlflow.models import Model
-
-    from ich_tune import mlflow_model
 
     client, uri = mlflow_client(tracking_uri)
     root = _model_location(client, spec.removeprefix("models:/").rstrip("/"), spec, uri)
     mlmodel = download_artifacts(artifact_uri=f"{root}/MLmodel", dst_path=str(dest), tracking_uri=uri)
     meta = Model.load(mlmodel)
     flavor = meta.flavors.get("python_function", {})
-    if flavor.get("loader_module") != mlflow_model.LOADER or "data" not in flavor:
+    if flavor.get("loader_module") not in (pyfunc.LOADER, *pyfunc.EARLIER_LOADERS) or "data" not in flavor:
         raise UserError(f"model '{spec}': not a model ich_tune logged (flavors: {', '.join(meta.flavors)}); "
                         "its weights cannot be read without running its code. Give a search's run id or "
                         "search:<name> instead.")
-    path = f"{root}/{flavor['data']}/{mlflow_model.WEIGHTS_FILE}"
+    path = f"{root}/{flavor['data']}/{pyfunc.WEIGHTS_FILE}"
     return Path(download_artifacts(artifact_uri=path, dst_path=str(dest), tracking_uri=uri))
 
 

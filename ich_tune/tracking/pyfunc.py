@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ich_tune.checkpoint import load_checkpoint
 from ich_tune.data.labels import CLASSES
+from ich_tune.training.checkpoint import load_checkpoint
 
 LOADER = __name__  # what MLmodel names as the loader_module
+EARLIER_LOADERS = ("ich_tune.mlflow_model",)  # this module's earlier name: --model still reads their weights
 DATA_FOLDER = "weights"  # the model's data folder: data/weights/weights.pt
 WEIGHTS_FILE = "weights.pt"
 

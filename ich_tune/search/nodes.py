@@ -29,12 +29,12 @@ from pathlib import Path
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ich_tune.config import Search
 from ich_tune.config.markers import LISTS
 from ich_tune.config.schema import DataConfig, where
 from ich_tune.data.cache import cache_params
 from ich_tune.data.prepare import prepare_cache
 from ich_tune.errors import ConfigError, UserError
+from ich_tune.experiment import Search
 
 
 def cache_identity(data: DataConfig) -> str:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 
 from ich_tune.config.schema import OptimizerConfig, ScheduleConfig
-from ich_tune.metrics import COMPETITION_WEIGHTS
+from ich_tune.evaluation.metrics import COMPETITION_WEIGHTS
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -25,6 +25,10 @@ from ich_tune.errors import UserError
 from ich_tune.models import arguments, build_model
 
 FORMAT = 1
+# the files of a checkpoint folder, written by the training loop and read by tracking and --model
+CHECKPOINT_FILE = "checkpoint.pt"
+VALIDATION_FILE = "validation.npz"  # probabilities, labels and cache rows of the validation there
+EXAMPLES_FILE = "examples.png"  # the per-class example grid, every logging.plot_interval steps
 
 
 def model_spec(config: ExperimentConfig) -> dict:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import ray
 from ray.exceptions import AuthenticationError
@@ -20,30 +19,29 @@ import ich_tune
 from ich_tune import PRIVATE_ENV
 from ich_tune.errors import UserError
 
-if TYPE_CHECKING:
-    from ich_tune.search import RunOptions
-
 DASHBOARD_PORT = int(os.environ.get("ICH_TUNE_DASHBOARD_PORT", 8265))
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray for the driver of a submitted job
 TOKEN_FILE = Path.home() / ".ray" / "auth_token"
 
 
-def start_ray(options: RunOptions, log=print) -> None:
-    """Join --address (else $RAY_ADDRESS), or start a local Ray with its dashboard on 127.0.0.1, and
-    say how to open the dashboard.
+def start_ray(address: str | None = None, dashboard_port: int | None = None, num_gpus: int | None = None,
+              log=print) -> None:
+    """Join `address` (else $RAY_ADDRESS), or start a local Ray with its dashboard on 127.0.0.1 at
+    `dashboard_port` (default DASHBOARD_PORT) declaring `num_gpus` logical GPUs, and say how to open the
+    dashboard.
 
     Workers get the driver's telemetry settings (off unless the user turned them on), also on a
     cluster whose nodes were started without them.
     """
     if ray.is_initialized():
         return
-    address = options.address or os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_ADDRESS")
     env = {name: os.environ[name] for name in PRIVATE_ENV if name in os.environ}
     if address:
         kwargs = {"address": address, "runtime_env": joining_runtime_env(env)}
     else:
         kwargs = {"include_dashboard": True, "dashboard_host": "127.0.0.1",
-                  "dashboard_port": options.dashboard_port or DASHBOARD_PORT, "num_gpus": options.num_gpus,
+                  "dashboard_port": dashboard_port or DASHBOARD_PORT, "num_gpus": num_gpus,
                   "runtime_env": {"env_vars": env}}
     try:
         context = ray.init(**kwargs, log_to_driver=True)

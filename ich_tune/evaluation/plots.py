@@ -20,7 +20,7 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from ich_tune.data.labels import CLASSES, SHORT_NAMES
-from ich_tune.metrics import THRESHOLD, roc_auc
+from ich_tune.evaluation.metrics import THRESHOLD, roc_auc
 
 COLUMNS = ("Control", *(name.capitalize() for name in CLASSES))
 RED = (0.86, 0.08, 0.08)  # accuracy at or below the baseline

@@ -19,22 +19,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from ich_tune.checkpoint import load_checkpoint, load_state, load_weights, save_checkpoint
 from ich_tune.config.schema import ExperimentConfig
 from ich_tune.data.context import input_channels
 from ich_tune.data.loader import TrainBatches, to_float, validation_batches
 from ich_tune.data.prepare import Splits, load_splits
-from ich_tune.device import Placement, place
 from ich_tune.errors import UserError
-from ich_tune.metrics import compute_metrics
+from ich_tune.evaluation.metrics import compute_metrics
+from ich_tune.evaluation.plots import example_grid, png_to_array
 from ich_tune.models import build_model, count_parameters
-from ich_tune.optim import make_loss, make_optimizer, make_scheduler
-from ich_tune.plots import example_grid, png_to_array
+from ich_tune.training.checkpoint import (
+    CHECKPOINT_FILE,
+    EXAMPLES_FILE,
+    VALIDATION_FILE,
+    load_checkpoint,
+    load_state,
+    load_weights,
+    save_checkpoint,
+)
+from ich_tune.training.device import Placement, place
+from ich_tune.training.optim import make_loss, make_optimizer, make_scheduler
 from ich_tune.trials import DIVERGED, ERROR
 
-CHECKPOINT_FILE = "checkpoint.pt"
-VALIDATION_FILE = "validation.npz"  # probabilities, labels and cache rows of the validation there
-EXAMPLES_FILE = "examples.png"  # the per-class example grid, every logging.plot_interval steps
 HPARAM_METRICS = ("val/accuracy", "val/auc_any", "val/auc_mean", "val/log_loss")  # scalars written below
 Report = Callable[[dict, Path | None], None]  # (metrics, folder holding a checkpoint or None)
 

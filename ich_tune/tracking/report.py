@@ -13,19 +13,11 @@ import tempfile
 from pathlib import Path
 
 from ich_tune.errors import UserError
-from ich_tune.metrics import mode_of
-from ich_tune.tracking import (
-    TAG_ENDED,
-    TAG_MESSAGE,
-    TAG_METRIC,
-    TAG_MODE,
-    TAG_SEARCH_DIR,
-    TAG_TRIAL_ID,
-    child_runs,
-    ui_hint,
-)
+from ich_tune.evaluation.metrics import mode_of
+from ich_tune.tracking.client import child_runs, known_searches, mlflow_client, tracking_errors, ui_hint
+from ich_tune.tracking.references import CONFIG_ARTIFACT
+from ich_tune.tracking.tags import TAG_ENDED, TAG_MESSAGE, TAG_METRIC, TAG_MODE, TAG_SEARCH_DIR, TAG_TRIAL_ID
 from ich_tune.trials import TrialOutcome, table
-from ich_tune.weights import CONFIG_ARTIFACT, known_searches, mlflow_client, tracking_errors
 
 DEFAULT_METRIC = "val_accuracy"
 

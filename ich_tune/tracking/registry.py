@@ -9,23 +9,15 @@ message says why.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from ich_tune.config.schema import DataConfig
-from ich_tune.data.channels import parse_channels
-from ich_tune.tracking import TAG_METRIC, TAG_MODE  # the same tags as a search's parent run
+from ich_tune.tracking.tags import TAG_DATA, TAG_METRIC, TAG_MODE, TAG_VALUE
 
 CHAMPION = "champion"
-TAG_VALUE = "ich_tune.value"
-TAG_DATA = "ich_tune.data_fingerprint"  # hash of the validation slices' ids and labels and the preprocessing
 
 
 @dataclass
@@ -40,21 +32,6 @@ class Measured:
     def tags(self) -> dict[str, str]:
         return {TAG_METRIC: self.metric, TAG_MODE: self.mode, TAG_VALUE: repr(self.value),
                 TAG_DATA: self.data}
-
-
-def data_fingerprint(cache_path: Path, data: DataConfig) -> str:
-    """The validation data's identity: which slices (ids, labels) and how they were prepared (size,
-    windows, neighbouring slices). Paths and file times are left out, so a copy of the data on
-    another disk or machine has the same fingerprint."""
-    from ich_tune.data.prepare import load_splits
-
-    splits = load_splits(cache_path, data, log=lambda *_: None)
-    cache = splits.cache
-    val = splits.val[cache.ids[splits.val].argsort()]
-    identity = {"ids": cache.ids[val].astype(str).tolist(), "labels": cache.labels[val].tolist(),
-                "size": data.size, "context": data.context,
-                "channels": [dataclasses.asdict(c) for c in parse_channels(data.channels)]}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def register(client: MlflowClient, name: str, model_id: str, run_id: str,

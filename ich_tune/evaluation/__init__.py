@@ -1,0 +1,1 @@
+"""Judging a model: validation metrics (metrics) and the figures of a run (plots)."""

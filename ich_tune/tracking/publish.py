@@ -1,0 +1,117 @@
+"""The end of a search in MLflow: the parent run's trials table, the best config, weights, plots and
+metrics, the best model as an MLflow model, and its registered version."""
+
+from __future__ import annotations
+
+import csv
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import yaml
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.tracking import MlflowClient
+
+from ich_tune.data.cache import open_cache
+from ich_tune.data.fingerprint import data_fingerprint
+from ich_tune.evaluation.plots import example_grid, roc_curves, training_curves
+from ich_tune.experiment import build_experiment
+from ich_tune.tracking import pyfunc, registry
+from ich_tune.tracking.callback import flatten, numeric
+from ich_tune.tracking.tags import TAG_DESCRIPTION
+from ich_tune.training.checkpoint import CHECKPOINT_FILE, VALIDATION_FILE, load_checkpoint, save_checkpoint
+from ich_tune.trials import TrialOutcome, checkpoint_uri
+
+
+def write_plots(checkpoint_dir: Path, history: list[dict], cache_path: Path, config, out: Path) -> None:
+    """The best model's example grid, per-class ROC curves and training curves, as PNG files."""
+    validation = np.load(checkpoint_dir / VALIDATION_FILE)
+    probs, labels = validation["probs"], validation["labels"]
+    rows = open_cache(cache_path).rows(validation["indices"])
+    (out / "examples.png").write_bytes(example_grid(rows, labels, probs, config.logging.plot_examples,
+                                                    config.logging.plot_baseline, seed=config.seed))
+    (out / "roc.png").write_bytes(roc_curves(probs, labels))
+    (out / "curves.png").write_bytes(training_curves(history))
+
+
+def write_trials_csv(trials: list[TrialOutcome], metric: str, path: Path) -> None:
+    """All trials side by side: id, how each ended and why, steps, best metric, the searched values."""
+    params = sorted({k for t in trials for k in t.params})
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["trial_id", "ended", "steps", f"best_{metric}", "seed", "message", *params])
+        for t in trials:
+            writer.writerow([t.trial_id, t.status, t.steps, t.best, t.seed, t.message,
+                             *(t.params.get(p) for p in params)])
+
+
+def describe(trials: list[TrialOutcome], best: TrialOutcome | None, metric: str) -> str:
+    """The parent run's description: how the trials ended, and the best one."""
+    counts = Counter(t.status for t in trials)
+    ended = ", ".join(f"{n} {status}" for status, n in counts.most_common())
+    if best is None:
+        return f"{len(trials)} trials ({ended}); none completed with a checkpoint, so no best model."
+    values = ", ".join(f"{k}={v}" for k, v in best.params.items())
+    return (f"Best: trial {best.trial_id} ({values}), {metric} {best.best:.4f}; weights in best/. "
+            f"{len(trials)} trials ({ended}).")
+
+
+@dataclass
+class Published:
+    """Where a search's best model went: its MLflow model, and its registered version if any."""
+
+    model_uri: str  # models:/<model_id>
+    version_uri: str | None  # models:/<name>/<version>
+    registry: str  # what the registry did, in one line
+
+    def lines(self) -> list[str]:
+        version = f"; registered as {self.version_uri}" if self.version_uri else ""
+        return [f"MLflow model: {self.model_uri}{version} (load with mlflow.pyfunc.load_model, or "
+                "--model for predict and evaluate)", self.registry]
+
+
+def log_search_result(client: MlflowClient, tracking_uri: str, parent_run_id: str,
+                      trials: list[TrialOutcome], best: TrialOutcome | None, best_dir: Path | None,
+                      cache_path: Path | None, metric: str, *, mode: str,
+                      registered_model: str) -> Published | None:
+    """The parent run's end: trials table, best config, its weights, model, plots and metrics; the
+    model as an MLflow model, registered as a version of `registered_model` (none where it is empty).
+    `best_dir` is the best trial's checkpoint as a local folder, `cache_path` the cache of its data."""
+    client.set_tag(parent_run_id, TAG_DESCRIPTION, describe(trials, best, metric))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        if trials:
+            write_trials_csv(trials, metric, folder / "trials.csv")
+            client.log_artifact(parent_run_id, str(folder / "trials.csv"))
+        if best is None:
+            client.set_terminated(parent_run_id, RunStatus.to_string(RunStatus.FAILED))
+            return None
+        saved = load_checkpoint(best_dir / CHECKPOINT_FILE)  # best's checkpoint, a local folder
+        model, state = saved.build(), saved.training
+        config = build_experiment(best.config, {})
+        save_checkpoint(folder / "weights.pt", config, model)
+        (folder / "config.yaml").write_text(yaml.safe_dump(best.config, sort_keys=False))
+        write_plots(best_dir, best.history, cache_path, config, folder)
+        for name in ("weights.pt", "config.yaml", "examples.png", "roc.png", "curves.png"):
+            client.log_artifact(parent_run_id, str(folder / name), "best")
+        params = [Param(k, str(v)[:6000]) for k, v in flatten(best.config).items()]
+        metrics = {f"best_{k}": v for k, v in numeric(state["history"][-1]).items()}
+        now = int(time.time() * 1000)
+        client.log_batch(parent_run_id, params=params[:100], tags=[
+            RunTag("ich_tune.best_trial", best.trial_id), RunTag("ich_tune.best_checkpoint",
+                                                                 checkpoint_uri(best.checkpoint))],
+            metrics=[Metric(k, v, now, int(state["step"])) for k, v in metrics.items()])
+        for start in range(100, len(params), 100):
+            client.log_batch(parent_run_id, params=params[start:start + 100])
+        mlflow.set_tracking_uri(tracking_uri)
+        with mlflow.start_run(run_id=parent_run_id):  # ends the parent run FINISHED
+            info = pyfunc.log_model(folder / "weights.pt")
+    if not registered_model:
+        return Published(info.model_uri, None, "model registry: not registered (no registered_model name)")
+    measured = registry.Measured(metric, mode, best.best, data_fingerprint(cache_path, config.data))
+    version_uri, said = registry.register(client, registered_model, info.model_id, parent_run_id, measured)
+    return Published(info.model_uri, version_uri, said)

@@ -1,0 +1,16 @@
+"""The tags ich_tune puts on MLflow runs, experiments and model versions: one place, so that a search
+writes and `report`, `--model` and the registry read the same names."""
+
+TAG_SEARCH_DIR = "ich_tune.search_dir"
+TAG_TRIAL_ID = "ich_tune.trial_id"
+TAG_PARENT = "mlflow.parentRunId"
+TAG_ENDED = "ich_tune.ended"  # on a trial's run: finished, stopped early, diverged or error
+TAG_MESSAGE = "ich_tune.message"  # ... why it diverged or failed (or, while it runs, its last crash)
+TAG_RESTARTS = "ich_tune.restarts"  # how often a crashed trial was restarted from its checkpoint
+TAG_METRIC = "ich_tune.metric"  # the metric the search optimised, on its parent run
+TAG_MODE = "ich_tune.mode"  # ... and whether higher (max) or lower (min) is better
+TAG_EXPERIMENT_KIND, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+TAG_DESCRIPTION = "mlflow.note.content"  # what MLflow's UI shows as a run's description
+TAG_NODE = "ich_tune.node_id"  # the Ray node training a trial (it changes when a restart moves it)
+TAG_VALUE = "ich_tune.value"  # on a model version: the best value of the search's metric
+TAG_DATA = "ich_tune.data_fingerprint"  # ... and the fingerprint of the validation data (data/fingerprint.py)
