@@ -17,6 +17,7 @@ import yaml
 from ich_tune.bench import BENCHMARKS
 from ich_tune.config.schema import SyntheticConfig
 from ich_tune.errors import Interrupted, UserError
+from ich_tune.logs import to_stdout
 
 
 def _add_config_args(parser: argparse.ArgumentParser, what: str) -> None:
@@ -320,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    to_stdout()
     try:
         return args.func(args)
     except UserError as err:

@@ -2,6 +2,7 @@
 
 import contextlib
 import io
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,21 @@ def tiny_rsna(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("rsna")
     generate(root, studies=8, slices=6, size=64, seed=3, positive_rate=0.4, quirk_rate=0.05)
     return root
+
+
+@pytest.fixture
+def said() -> list[str]:
+    """The lines ich_tune logs for the user while the test runs (what the CLI prints)."""
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("ich_tune")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield lines
+    logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
 def tiny_tree(root: Path, cache_dir: Path, **sections) -> dict:
