@@ -85,3 +85,16 @@ def test_a_class_no_resample_can_measure_has_no_interval():
     bounds = bootstrap.intervals(bootstrap.bootstrap_metrics(probs, labels, groups, resamples=50))
     assert np.isnan(bounds["auc_epidural"]).all() and np.isnan(bounds["sensitivity_epidural"]).all()
     assert bounds["specificity_epidural"][0] <= bounds["specificity_epidural"][1]
+
+
+def test_roc_bands_hold_the_curve_of_the_whole_set():
+    from sklearn.metrics import roc_curve
+
+    probs, labels, groups = correlated_patients(40, 10, seed=10)
+    grid = np.linspace(0.0, 1.0, 21)
+    bands = bootstrap.roc_bands(probs, labels, groups, grid, resamples=300)
+    fpr, tpr, _ = roc_curve(labels[:, 5], probs[:, 5])
+    curve = np.interp(grid, fpr, tpr)
+    inside = (bands["low"][5] - 1e-9 <= curve) & (curve <= bands["high"][5] + 1e-9)
+    assert inside.mean() >= 0.9
+    assert (bands["high"][5] - bands["low"][5])[5:15].min() > 0.01  # a band, not a line

@@ -132,3 +132,27 @@ def intervals(values: dict[str, np.ndarray], level: float = LEVEL) -> dict[str, 
         low, high = np.percentile(defined, [tail, 100.0 - tail]) if defined.size else (np.nan, np.nan)
         bounds[name] = (float(low), float(high))
     return bounds
+
+
+def roc_bands(probs: np.ndarray, labels: np.ndarray, groups: np.ndarray, grid: np.ndarray,
+              resamples: int = 200, seed: int = 0, level: float = LEVEL) -> dict[str, np.ndarray]:
+    """Per class, the percentile band of the true positive rate at each false positive rate of `grid`
+    over patient-level resamples: {"low": [classes, len(grid)], "high": ...} (NaN for a class that a
+    resample cannot measure)."""
+    probs, positive = np.asarray(probs, dtype=np.float64), np.asarray(labels) == 1
+    codes, counts = patient_counts(groups, resamples, seed)
+    tail = 50.0 * (1.0 - level)
+    low, high = np.full((probs.shape[1], len(grid)), np.nan), np.full((probs.shape[1], len(grid)), np.nan)
+    for k in range(probs.shape[1]):
+        order = np.argsort(-probs[:, k], kind="stable")
+        ends = np.flatnonzero(np.diff(probs[order, k], append=-np.inf))  # the last slice of each tied score
+        weights = counts[:, codes[order]]
+        hits = np.cumsum(weights * positive[order, k], axis=1)[:, ends]
+        alarms = np.cumsum(weights * ~positive[order, k], axis=1)[:, ends]
+        measurable = (hits[:, -1] > 0) & (alarms[:, -1] > 0)
+        if not measurable.any():
+            continue
+        curves = [np.interp(grid, np.r_[0.0, a / a[-1]], np.r_[0.0, h / h[-1]])
+                  for h, a in zip(hits[measurable], alarms[measurable], strict=True)]
+        low[k], high[k] = np.percentile(curves, [tail, 100.0 - tail], axis=0)
+    return {"low": low, "high": high}
