@@ -22,7 +22,7 @@ from ich_tune.evaluation.plots import example_grid, roc_curves, training_curves
 from ich_tune.experiment import build_experiment
 from ich_tune.tracking import pyfunc, registry
 from ich_tune.tracking.callback import flatten, numeric
-from ich_tune.tracking.tags import TAG_DESCRIPTION
+from ich_tune.tracking.tags import TAG_BEST_CHECKPOINT, TAG_BEST_TRIAL, TAG_DESCRIPTION
 from ich_tune.training.checkpoint import CHECKPOINT_FILE, VALIDATION_FILE, load_checkpoint, save_checkpoint
 from ich_tune.trials import TrialOutcome, checkpoint_uri
 
@@ -102,8 +102,8 @@ def log_search_result(client: MlflowClient, tracking_uri: str, parent_run_id: st
         metrics = {f"best_{k}": v for k, v in numeric(state["history"][-1]).items()}
         now = int(time.time() * 1000)
         client.log_batch(parent_run_id, params=params[:100], tags=[
-            RunTag("ich_tune.best_trial", best.trial_id), RunTag("ich_tune.best_checkpoint",
-                                                                 checkpoint_uri(best.checkpoint))],
+            RunTag(TAG_BEST_TRIAL, best.trial_id),
+            RunTag(TAG_BEST_CHECKPOINT, checkpoint_uri(best.checkpoint))],
             metrics=[Metric(k, v, now, int(state["step"])) for k, v in metrics.items()])
         for start in range(100, len(params), 100):
             client.log_batch(parent_run_id, params=params[start:start + 100])

@@ -16,7 +16,15 @@ from ich_tune.errors import UserError
 from ich_tune.evaluation.metrics import mode_of
 from ich_tune.tracking.client import child_runs, known_searches, mlflow_client, tracking_errors, ui_hint
 from ich_tune.tracking.references import CONFIG_ARTIFACT
-from ich_tune.tracking.tags import TAG_ENDED, TAG_MESSAGE, TAG_METRIC, TAG_MODE, TAG_SEARCH_DIR, TAG_TRIAL_ID
+from ich_tune.tracking.tags import (
+    TAG_BEST_TRIAL,
+    TAG_ENDED,
+    TAG_MESSAGE,
+    TAG_METRIC,
+    TAG_MODE,
+    TAG_SEARCH_DIR,
+    TAG_TRIAL_ID,
+)
 from ich_tune.trials import TrialOutcome, table
 
 DEFAULT_METRIC = "val_accuracy"
@@ -113,5 +121,5 @@ def _best_config(client, parent) -> str:
                 "reported its metric.")
     with tempfile.TemporaryDirectory() as tmp:
         text = Path(client.download_artifacts(run_id, CONFIG_ARTIFACT, tmp)).read_text()
-    trial = parent.data.tags.get("ich_tune.best_trial", "?")
+    trial = parent.data.tags.get(TAG_BEST_TRIAL, "?")
     return f"# best config (trial {trial}; {CONFIG_ARTIFACT} of run {run_id})\n{text.rstrip()}"
