@@ -86,6 +86,7 @@ def default_search_store() -> str:
 
 def mlflow_client(tracking_uri: str | None) -> tuple[MlflowClient, str]:
     """An MlflowClient and its URI; refuses a SQLite path that does not exist (MLflow would create it)."""
+    # only here: predict with a local weights file skips MLflow's start-up
     from mlflow.tracking import MlflowClient
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bars for a file or two are noise
@@ -101,6 +102,7 @@ def mlflow_client(tracking_uri: str | None) -> tuple[MlflowClient, str]:
 @contextlib.contextmanager
 def tracking_errors() -> Iterator[None]:
     """An MLflow failure (bad URI scheme, server unreachable, ...) as one line for the user."""
+    # only here: predict with a local weights file skips MLflow's start-up
     from mlflow.exceptions import MlflowException
 
     try:

@@ -128,8 +128,8 @@ def _build(tree: dict, source: str) -> ExperimentConfig:
 
 def _from_run(run_id: str, tracking_uri: str | None, dest: Path) -> tuple[Path, dict | None]:
     """best/weights.pt and best/config.yaml of a search's parent run."""
+    # only here: predict with a local weights file skips MLflow's start-up
     from mlflow.exceptions import MlflowException
-
 
     client, uri = mlflow_client(tracking_uri)
     try:
@@ -169,6 +169,7 @@ def _from_search(name: str, tracking_uri: str | None, dest: Path) -> tuple[Path,
 
 def _from_model(spec: str, tracking_uri: str | None, dest: Path) -> Path:
     """The weights file inside an MLflow model this project logged (ich_tune.tracking.pyfunc)."""
+    # only here: predict with a local weights file skips MLflow's start-up
     from mlflow.artifacts import download_artifacts
     from mlflow.models import Model
 
@@ -188,6 +189,7 @@ def _from_model(spec: str, tracking_uri: str | None, dest: Path) -> Path:
 def _model_location(client: MlflowClient, ref: str, spec: str, uri: str) -> str:
     """Where the model's files are, for a logged model id, NAME@ALIAS or NAME/VERSION that exists;
     otherwise a message that lists what does."""
+    # only here: predict with a local weights file skips MLflow's start-up
     from mlflow.exceptions import MlflowException
 
     if MODEL_ID.fullmatch(ref):

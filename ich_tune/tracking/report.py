@@ -12,6 +12,8 @@ import math
 import tempfile
 from pathlib import Path
 
+from mlflow.exceptions import MlflowException
+
 from ich_tune.errors import UserError
 from ich_tune.evaluation.metrics import mode_of
 from ich_tune.tracking.client import child_runs, known_searches, mlflow_client, tracking_errors, ui_hint
@@ -76,8 +78,6 @@ def _parent_run(client, experiment_id: str, name: str, run_id: str | None):
         if not runs:
             raise UserError(f"search '{name}': no search run recorded in its MLflow experiment.")
         return runs[0]
-    from mlflow.exceptions import MlflowException
-
     try:
         run = client.get_run(run_id)
     except MlflowException:
