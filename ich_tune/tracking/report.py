@@ -16,7 +16,14 @@ from mlflow.exceptions import MlflowException
 
 from ich_tune.errors import UserError
 from ich_tune.evaluation.metrics import mode_of
-from ich_tune.tracking.client import child_runs, known_searches, mlflow_client, tracking_errors, ui_hint
+from ich_tune.tracking.client import (
+    child_runs,
+    has_artifact,
+    mlflow_client,
+    search_experiment,
+    tracking_errors,
+    ui_hint,
+)
 from ich_tune.tracking.references import CONFIG_ARTIFACT
 from ich_tune.tracking.tags import (
     TAG_BEST_TRIAL,
@@ -41,10 +48,7 @@ def search_report(name: str, sort: str | None = None, tracking_uri: str | None =
 
 def _report(name: str, sort: str | None, tracking_uri: str | None, run_id: str | None) -> str:
     client, uri = mlflow_client(tracking_uri)
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        raise UserError(f"no search named '{name}' in {uri} (known: {known_searches(client)}); "
-                        "pass --tracking-uri if it was recorded elsewhere.")
+    experiment = search_experiment(client, uri, name, f"no search named '{name}'")
     parent = _parent_run(client, experiment.experiment_id, name, run_id)
     parent_id = parent.info.run_id
     children = child_runs(client, parent_id)
@@ -92,7 +96,7 @@ def _search_metric(client, parent) -> str:
     """The metric the search optimised: its tag, else the header of its trials.csv, else val_accuracy."""
     if TAG_METRIC in parent.data.tags:
         return parent.data.tags[TAG_METRIC]
-    if any(f.path == "trials.csv" for f in client.list_artifacts(parent.info.run_id)):
+    if has_artifact(client, parent.info.run_id, "trials.csv"):
         with tempfile.TemporaryDirectory() as tmp:
             path = client.download_artifacts(parent.info.run_id, "trials.csv", tmp)
             with open(path, newline="") as f:
@@ -116,7 +120,7 @@ def _trial(client, run, metric: str, mode: str) -> TrialOutcome:
 
 def _best_config(client, parent) -> str:
     run_id = parent.info.run_id
-    if not any(f.path == CONFIG_ARTIFACT for f in client.list_artifacts(run_id, "best")):
+    if not has_artifact(client, run_id, CONFIG_ARTIFACT):
         return (f"no {CONFIG_ARTIFACT} in run {run_id}: the search has not finished, or no trial "
                 "reported its metric.")
     with tempfile.TemporaryDirectory() as tmp:
