@@ -43,7 +43,7 @@ from ich_tune.tracking import client as tracking
 from ich_tune.tracking.callback import MlflowTrials
 from ich_tune.tracking.publish import log_search_result
 from ich_tune.tracking.references import resolve_weights
-from ich_tune.tracking.tags import TAG_METRIC, TAG_MODE
+from ich_tune.tracking.tags import TAG_METRIC, TAG_MODE, TAG_SEARCH, TAG_SEARCH_FILE
 from ich_tune.training.loop import TrainingFailed, train, write_hparams
 from ich_tune.trials import (
     DIVERGED,
@@ -351,7 +351,7 @@ def _run(search: Search, options: RunOptions, run_dir: str, local: Path, log) ->
     exp_id = tracking.experiment_id(client, search.name,
                                     None if tracking.is_server(uri) else local / "mlartifacts")
     parent_id = tracking.parent_run(client, exp_id, run_dir, storage.name_of(run_dir), {
-        "ich_tune.search_file": str(search.path), "ich_tune.search": search.name,
+        TAG_SEARCH_FILE: str(search.path), TAG_SEARCH: search.name,
         TAG_METRIC: config.metric, TAG_MODE: config.mode})
     if not options.resume:
         resolved = {**dataclasses.asdict(config), "experiment": experiment}

@@ -1,2 +1,2 @@
-"""Everything MLflow: tags, the store and its client, the trial callback, publishing the best model, the
-registry, the pyfunc model, --model references and `report`."""
+"""Everything MLflow: tags, the store and its client, the trial callback and what of a trial it records,
+publishing the best model, the registry, the pyfunc model, --model references and `report`."""

@@ -7,15 +7,15 @@ is found by the trial id, so nothing is created twice and replayed steps are not
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from ich_tune.tracking.records import config_params, flatten, numeric
 from ich_tune.tracking.tags import (
     TAG_ENDED,
     TAG_MESSAGE,
@@ -35,27 +35,6 @@ def trial_run_name(config: dict, dimensions: list[str]) -> str:
     names = leaves if len(set(leaves)) == len(leaves) else dimensions
     flat = flatten(config)
     return " ".join(f"{name}={flat.get(path)}" for name, path in zip(names, dimensions, strict=True))
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """{"model": {"dropout": 0.1}} -> {"model.dropout": 0.1}."""
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def numeric(result: dict) -> dict[str, float]:
-    """The reported numbers worth keeping: our metrics, not Ray's bookkeeping or text."""
-    keep = {}
-    for key, value in result.items():
-        if (key.startswith("val_") or key in ("epoch", "seed", "diverged", "time_total_s")) and \
-                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            keep[key] = float(value)
-    return keep
 
 
 class MlflowTrials(tune.Callback):
@@ -91,9 +70,7 @@ class MlflowTrials(tune.Callback):
         name = trial_run_name(trial.config, self.dimensions) if self.dimensions else str(trial)
         run = self.client.create_run(self.experiment_id, run_name=name, tags={
             TAG_PARENT: self.parent_run_id, TAG_TRIAL_ID: trial.trial_id})
-        params = [Param(k, str(v)[:6000]) for k, v in flatten(trial.config).items()]
-        for start in range(0, len(params), 100):
-            self.client.log_batch(run.info.run_id, params=params[start:start + 100])
+        self.client.log_batch(run.info.run_id, params=config_params(trial.config))  # MLflow sends 100 a call
         self.runs[trial.trial_id] = run.info.run_id
         self.last_step[trial.trial_id] = -1
 

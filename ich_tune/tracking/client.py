@@ -86,6 +86,7 @@ def default_search_store() -> str:
 
 def mlflow_client(tracking_uri: str | None) -> tuple[MlflowClient, str]:
     """An MlflowClient and its URI; refuses a SQLite path that does not exist (MLflow would create it)."""
+    # only here: predict with a local weights file skips MLflow's start-up
     from mlflow.tracking import MlflowClient
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bars for a file or two are noise
@@ -101,6 +102,7 @@ def mlflow_client(tracking_uri: str | None) -> tuple[MlflowClient, str]:
 @contextlib.contextmanager
 def tracking_errors() -> Iterator[None]:
     """An MLflow failure (bad URI scheme, server unreachable, ...) as one line for the user."""
+    # only here: predict with a local weights file skips MLflow's start-up
     from mlflow.exceptions import MlflowException
 
     try:
@@ -110,7 +112,23 @@ def tracking_errors() -> Iterator[None]:
         raise UserError(f"MLflow: {message.splitlines()[0]} (check --tracking-uri)") from None
 
 
-def known_searches(client) -> str:
+def search_experiment(client: MlflowClient, uri: str, name: str, missing: str):
+    """The MLflow experiment of search `name`; where there is none, a message that starts with
+    `missing` and names the searches the store does hold."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        raise UserError(f"{missing} in {uri} (known: {_known_searches(client)}); pass --tracking-uri if it "
+                        "was recorded elsewhere.")
+    return experiment
+
+
+def _known_searches(client: MlflowClient) -> str:
     """The experiment names in a tracking store, for messages."""
     names = sorted(e.name for e in client.search_experiments() if e.name != "Default")
     return ", ".join(names) if names else "none yet"
+
+
+def has_artifact(client: MlflowClient, run_id: str, path: str) -> bool:
+    """Whether the run holds the artifact `path` ("trials.csv", "best/config.yaml")."""
+    folder = path.rpartition("/")[0] or None
+    return any(f.path == path for f in client.list_artifacts(run_id, folder))

@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import yaml
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 from ich_tune.data.cache import open_cache
@@ -21,8 +21,8 @@ from ich_tune.data.fingerprint import data_fingerprint
 from ich_tune.evaluation.plots import example_grid, roc_curves, training_curves
 from ich_tune.experiment import build_experiment
 from ich_tune.tracking import pyfunc, registry
-from ich_tune.tracking.callback import flatten, numeric
-from ich_tune.tracking.tags import TAG_DESCRIPTION
+from ich_tune.tracking.records import config_params, numeric
+from ich_tune.tracking.tags import TAG_BEST_CHECKPOINT, TAG_BEST_TRIAL, TAG_DESCRIPTION
 from ich_tune.training.checkpoint import CHECKPOINT_FILE, VALIDATION_FILE, load_checkpoint, save_checkpoint
 from ich_tune.trials import TrialOutcome, checkpoint_uri
 
@@ -98,15 +98,12 @@ def log_search_result(client: MlflowClient, tracking_uri: str, parent_run_id: st
         write_plots(best_dir, best.history, cache_path, config, folder)
         for name in ("weights.pt", "config.yaml", "examples.png", "roc.png", "curves.png"):
             client.log_artifact(parent_run_id, str(folder / name), "best")
-        params = [Param(k, str(v)[:6000]) for k, v in flatten(best.config).items()]
         metrics = {f"best_{k}": v for k, v in numeric(state["history"][-1]).items()}
         now = int(time.time() * 1000)
-        client.log_batch(parent_run_id, params=params[:100], tags=[
-            RunTag("ich_tune.best_trial", best.trial_id), RunTag("ich_tune.best_checkpoint",
-                                                                 checkpoint_uri(best.checkpoint))],
+        client.log_batch(parent_run_id, params=config_params(best.config), tags=[  # MLflow splits the batch
+            RunTag(TAG_BEST_TRIAL, best.trial_id),
+            RunTag(TAG_BEST_CHECKPOINT, checkpoint_uri(best.checkpoint))],
             metrics=[Metric(k, v, now, int(state["step"])) for k, v in metrics.items()])
-        for start in range(100, len(params), 100):
-            client.log_batch(parent_run_id, params=params[start:start + 100])
         mlflow.set_tracking_uri(tracking_uri)
         with mlflow.start_run(run_id=parent_run_id):  # ends the parent run FINISHED
             info = pyfunc.log_model(folder / "weights.pt")

@@ -35,6 +35,7 @@ class Classifier:
 
     def predict(self, model_input: Any, params: dict | None = None):
         """[N, C, H, W] float32 -> a DataFrame of N rows, one probability column per class."""
+        # only here: references imports this module; predict with a local weights file skips pandas
         import pandas as pd
 
         images = torch.from_numpy(np.ascontiguousarray(model_input, dtype=np.float32))
@@ -50,6 +51,7 @@ def _load_pyfunc(data_path: str) -> Classifier:
 
 def signature(in_channels: int, size: int):
     """Input: a float32 tensor [-1, C, S, S]; output: one float column per class."""
+    # only here: references imports this module; predict with a local weights file skips MLflow
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema, TensorSpec
 
@@ -71,6 +73,7 @@ def requirements() -> list[str]:
 def log_model(weights: Path, name: str = "model"):
     """Log `weights` (a file written by checkpoint.save_checkpoint) as an MLflow model of the active
     run; returns MLflow's ModelInfo (its model_uri is models:/<model_id>)."""
+    # only here: references imports this module; predict with a local weights file skips MLflow
     import mlflow.pyfunc
 
     saved = load_checkpoint(weights)

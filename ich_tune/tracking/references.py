@@ -25,7 +25,7 @@ from ich_tune.errors import ConfigError, UserError
 from ich_tune.experiment import build_experiment, load_experiment
 from ich_tune.models import build_model
 from ich_tune.tracking import pyfunc
-from ich_tune.tracking.client import known_searches, mlflow_client, tracking_errors, ui_hint
+from ich_tune.tracking.client import has_artifact, mlflow_client, search_experiment, tracking_errors, ui_hint
 from ich_tune.tracking.tags import TAG_PARENT, TAG_SEARCH_DIR
 from ich_tune.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_state
 
@@ -128,8 +128,8 @@ def _build(tree: dict, source: str) -> ExperimentConfig:
 
 def _from_run(run_id: str, tracking_uri: str | None, dest: Path) -> tuple[Path, dict | None]:
     """best/weights.pt and best/config.yaml of a search's parent run."""
+    # only here: predict with a local weights file skips MLflow's start-up
     from mlflow.exceptions import MlflowException
-
 
     client, uri = mlflow_client(tracking_uri)
     try:
@@ -153,15 +153,12 @@ def _from_run(run_id: str, tracking_uri: str | None, dest: Path) -> tuple[Path, 
 def _from_search(name: str, tracking_uri: str | None, dest: Path) -> tuple[Path, dict | None]:
     """The latest finished search of that name that saved its best weights."""
     client, uri = mlflow_client(tracking_uri)
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        raise UserError(f"search:{name}: no search of that name in {uri} (known: {known_searches(client)}); "
-                        "pass --tracking-uri if it was recorded elsewhere.")
+    experiment = search_experiment(client, uri, name, f"search:{name}: no search of that name")
     parents = client.search_runs([experiment.experiment_id],
                                  f"tags.`{TAG_SEARCH_DIR}` LIKE '%' AND attributes.status = 'FINISHED'",
                                  order_by=["attributes.start_time DESC"])
     for run in parents:
-        if any(f.path == WEIGHTS_ARTIFACT for f in client.list_artifacts(run.info.run_id, "best")):
+        if has_artifact(client, run.info.run_id, WEIGHTS_ARTIFACT):
             return _from_run(run.info.run_id, uri, dest)
     raise UserError(f"search:{name}: no finished search run with {WEIGHTS_ARTIFACT} in {uri}; wait for "
                     "the search to finish, or give a trial's checkpoint folder instead.")
@@ -169,6 +166,7 @@ def _from_search(name: str, tracking_uri: str | None, dest: Path) -> tuple[Path,
 
 def _from_model(spec: str, tracking_uri: str | None, dest: Path) -> Path:
     """The weights file inside an MLflow model this project logged (ich_tune.tracking.pyfunc)."""
+    # only here: predict with a local weights file skips MLflow's start-up
     from mlflow.artifacts import download_artifacts
     from mlflow.models import Model
 
@@ -188,6 +186,7 @@ def _from_model(spec: str, tracking_uri: str | None, dest: Path) -> Path:
 def _model_location(client: MlflowClient, ref: str, spec: str, uri: str) -> str:
     """Where the model's files are, for a logged model id, NAME@ALIAS or NAME/VERSION that exists;
     otherwise a message that lists what does."""
+    # only here: predict with a local weights file skips MLflow's start-up
     from mlflow.exceptions import MlflowException
 
     if MODEL_ID.fullmatch(ref):

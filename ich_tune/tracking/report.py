@@ -12,11 +12,28 @@ import math
 import tempfile
 from pathlib import Path
 
+from mlflow.exceptions import MlflowException
+
 from ich_tune.errors import UserError
 from ich_tune.evaluation.metrics import mode_of
-from ich_tune.tracking.client import child_runs, known_searches, mlflow_client, tracking_errors, ui_hint
+from ich_tune.tracking.client import (
+    child_runs,
+    has_artifact,
+    mlflow_client,
+    search_experiment,
+    tracking_errors,
+    ui_hint,
+)
 from ich_tune.tracking.references import CONFIG_ARTIFACT
-from ich_tune.tracking.tags import TAG_ENDED, TAG_MESSAGE, TAG_METRIC, TAG_MODE, TAG_SEARCH_DIR, TAG_TRIAL_ID
+from ich_tune.tracking.tags import (
+    TAG_BEST_TRIAL,
+    TAG_ENDED,
+    TAG_MESSAGE,
+    TAG_METRIC,
+    TAG_MODE,
+    TAG_SEARCH_DIR,
+    TAG_TRIAL_ID,
+)
 from ich_tune.trials import TrialOutcome, table
 
 DEFAULT_METRIC = "val_accuracy"
@@ -31,10 +48,7 @@ def search_report(name: str, sort: str | None = None, tracking_uri: str | None =
 
 def _report(name: str, sort: str | None, tracking_uri: str | None, run_id: str | None) -> str:
     client, uri = mlflow_client(tracking_uri)
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        raise UserError(f"no search named '{name}' in {uri} (known: {known_searches(client)}); "
-                        "pass --tracking-uri if it was recorded elsewhere.")
+    experiment = search_experiment(client, uri, name, f"no search named '{name}'")
     parent = _parent_run(client, experiment.experiment_id, name, run_id)
     parent_id = parent.info.run_id
     children = child_runs(client, parent_id)
@@ -68,8 +82,6 @@ def _parent_run(client, experiment_id: str, name: str, run_id: str | None):
         if not runs:
             raise UserError(f"search '{name}': no search run recorded in its MLflow experiment.")
         return runs[0]
-    from mlflow.exceptions import MlflowException
-
     try:
         run = client.get_run(run_id)
     except MlflowException:
@@ -84,7 +96,7 @@ def _search_metric(client, parent) -> str:
     """The metric the search optimised: its tag, else the header of its trials.csv, else val_accuracy."""
     if TAG_METRIC in parent.data.tags:
         return parent.data.tags[TAG_METRIC]
-    if any(f.path == "trials.csv" for f in client.list_artifacts(parent.info.run_id)):
+    if has_artifact(client, parent.info.run_id, "trials.csv"):
         with tempfile.TemporaryDirectory() as tmp:
             path = client.download_artifacts(parent.info.run_id, "trials.csv", tmp)
             with open(path, newline="") as f:
@@ -108,10 +120,10 @@ def _trial(client, run, metric: str, mode: str) -> TrialOutcome:
 
 def _best_config(client, parent) -> str:
     run_id = parent.info.run_id
-    if not any(f.path == CONFIG_ARTIFACT for f in client.list_artifacts(run_id, "best")):
+    if not has_artifact(client, run_id, CONFIG_ARTIFACT):
         return (f"no {CONFIG_ARTIFACT} in run {run_id}: the search has not finished, or no trial "
                 "reported its metric.")
     with tempfile.TemporaryDirectory() as tmp:
         text = Path(client.download_artifacts(run_id, CONFIG_ARTIFACT, tmp)).read_text()
-    trial = parent.data.tags.get("ich_tune.best_trial", "?")
+    trial = parent.data.tags.get(TAG_BEST_TRIAL, "?")
     return f"# best config (trial {trial}; {CONFIG_ARTIFACT} of run {run_id})\n{text.rstrip()}"

@@ -1,7 +1,11 @@
 """The tags ich_tune puts on MLflow runs, experiments and model versions: one place, so that a search
 writes and `report`, `--model` and the registry read the same names."""
 
-TAG_SEARCH_DIR = "ich_tune.search_dir"
+TAG_SEARCH_DIR = "ich_tune.search_dir"  # on a search's parent run: its Ray experiment folder
+TAG_SEARCH_FILE = "ich_tune.search_file"  # ... the search file it ran
+TAG_SEARCH = "ich_tune.search"  # ... and the search's name
+TAG_BEST_TRIAL = "ich_tune.best_trial"  # ... once it ends: the id of its best trial
+TAG_BEST_CHECKPOINT = "ich_tune.best_checkpoint"  # ... and where that trial's checkpoint is
 TAG_TRIAL_ID = "ich_tune.trial_id"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_ENDED = "ich_tune.ended"  # on a trial's run: finished, stopped early, diverged or error
