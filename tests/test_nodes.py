@@ -193,9 +193,9 @@ def test_a_failed_preparation_is_tried_again_once_its_cause_is_fixed(ray_cluster
     later = tmp_path / "later"
     data = DataOnNodes([tiny_config(data={"root": str(later)}).data])
     with pytest.raises(UserError, match=rf"^data on node .*{later}"):
-        data.prepare({"cpu": 1, "gpu": 0}, print)
+        data.prepare({"cpu": 1, "gpu": 0})
     shutil.copytree(tiny_rsna, later)
-    data.prepare({"cpu": 1, "gpu": 0}, print)
+    data.prepare({"cpu": 1, "gpu": 0})
     assert len(complete_caches(tmp_path / "cache")) == 1
 
 
@@ -206,7 +206,7 @@ def test_a_trial_no_node_can_hold_is_one_message(ray_cluster, tiny_config):
 
     data = DataOnNodes([tiny_config().data])
     with pytest.raises(UserError, match=r"asks for 64 CPU and 0 GPU .* the largest node has 2 CPU and 1 GPU"):
-        data.prepare({"cpu": 64, "gpu": 0}, print)
+        data.prepare({"cpu": 64, "gpu": 0})
 
 
 def test_rescan_reaches_every_node(ray_cluster, tiny_rsna, tiny_config, tmp_path):
@@ -222,7 +222,7 @@ def test_rescan_reaches_every_node(ray_cluster, tiny_rsna, tiny_config, tmp_path
     old = open_cache(prepare_cache(cfg.data, print))
     files = find_dicom_files(root)
     shutil.copyfile(files[old.ids[1]], files[old.ids[0]])  # the folder's mtime stays: only a rescan sees it
-    DataOnNodes([cfg.data], rescan=True).prepare({"cpu": 1, "gpu": 0}, print)
+    DataOnNodes([cfg.data], rescan=True).prepare({"cpu": 1, "gpu": 0})
     assert len(complete_caches(tmp_path / "cache")) == 2
 
 
