@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from ich_tune.errors import UserError
 from ich_tune.experiment import Search
@@ -36,7 +37,8 @@ def run_lock(run_dir: str | Path, lock_dir: Path | None = None) -> Iterator[None
     --name) is refused instead of corrupting the first. The kernel drops it when the driver dies.
 
     The lock file sits beside a local run folder; for a URI, in `lock_dir` on this machine (a bucket
-    has no locks), so it guards against a second driver here only."""
+    has no locks), so it guards against a second driver here only. It holds the holder's pid, which
+    the refusal names."""
     run_dir = str(run_dir)
     if storage.is_uri(run_dir):
         lock_file = lock_dir / f"{hashlib.sha1(run_dir.encode()).hexdigest()[:16]}.lock"
@@ -44,17 +46,25 @@ def run_lock(run_dir: str | Path, lock_dir: Path | None = None) -> Iterator[None
         lock_file = Path(run_dir).parent / f".{Path(run_dir).name}.lock"
     try:
         lock_file.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        held = FileLock(lock_file, on_acquired=_write_pid).acquire(blocking=False)
+    except Timeout:
+        raise UserError(f"{run_dir}: another `run` (pid {_holder(lock_file)}) is writing this search now; "
+                        "wait for it to end, or start another with a new --name.") from None
     except OSError as err:
         raise UserError(f"{run_dir}: cannot write its lock file {lock_file} ({err.strerror}).") from None
-    with open(fd, "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            raise UserError(f"{run_dir}: another `run` (pid {lock.read().strip() or '?'}) is writing this "
-                            "search now; wait for it to end, or start another with a new --name.") from None
-        lock.truncate(0)
-        lock.write(str(os.getpid()))
-        lock.flush()
+    with held:
         yield
+
+
+def _write_pid(fd: int) -> None:
+    """Into the lock file, once it is held (filelock leaves a file's old contents in place)."""
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, str(os.getpid()).encode())
+
+
+def _holder(lock_file: Path) -> str:
+    """The pid the holder wrote; '?' before it has."""
+    with contextlib.suppress(OSError):
+        return lock_file.read_text().strip() or "?"
+    return "?"
