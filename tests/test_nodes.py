@@ -101,11 +101,11 @@ def test_a_missing_token_is_one_message(tmp_path):
     """Token mode on and no token anywhere: Ray refuses before it connects, so no cluster is needed."""
     address = f"127.0.0.1:{free_port()}"
     code = textwrap.dedent("""
-        import sys, types
+        import sys
         from ich_tune.search.cluster import start_ray
         from ich_tune.errors import UserError
         try:
-            start_ray(types.SimpleNamespace(address=sys.argv[1], dashboard_port=None, num_gpus=None))
+            start_ray(sys.argv[1])
         except UserError as err:
             sys.exit(str(err))
         """)
