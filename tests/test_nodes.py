@@ -147,7 +147,7 @@ def test_a_search_joins_the_cluster_and_every_node_prepares_its_data(two_nodes, 
     assert len(complete_caches(driver_cache / "ich_tune")) == 1  # the driver's own: the first variant only
     finished = re.findall(r"^\w+ +[01] +6 +\S+ +finished$", run.output, re.MULTILINE)
     assert len(finished) == 2, run.output[-4000:]
-    unpacked = "session_*/runtime_resources/py_modules_files/*/ich_tune/nodes.py"
+    unpacked = "session_*/runtime_resources/py_modules_files/*/ich_tune/search/nodes.py"
     shipped = list(two_nodes.temp_dir.glob(unpacked))
     assert shipped, "the ich_tune package did not reach the nodes through the runtime environment"
 
