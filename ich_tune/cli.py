@@ -126,7 +126,8 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from ich_tune.experiment import load_search
-    from ich_tune.search.driver import RunOptions, run_search
+    from ich_tune.search.driver import run_search
+    from ich_tune.search.options import RunOptions
     from ich_tune.search.storage import name_of
     from ich_tune.tracking.client import ui_hint
     from ich_tune.trials import COMPLETED, checkpoint_uri, table

@@ -3,6 +3,7 @@
 import contextlib
 import io
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +26,9 @@ def tiny_rsna(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture
-def said() -> list[str]:
-    """The lines ich_tune logs for the user while the test runs (what the CLI prints)."""
+@contextlib.contextmanager
+def logged_lines() -> Iterator[list[str]]:
+    """The lines ich_tune logs for the user inside the block (what the CLI prints)."""
     lines: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: lines.append(record.getMessage())
@@ -35,9 +36,18 @@ def said() -> list[str]:
     level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    yield lines
-    logger.removeHandler(handler)
-    logger.setLevel(level)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+@pytest.fixture
+def said() -> Iterator[list[str]]:
+    """The lines ich_tune logs for the user while the test runs (what the CLI prints)."""
+    with logged_lines() as lines:
+        yield lines
 
 
 def tiny_tree(root: Path, cache_dir: Path, **sections) -> dict:

@@ -184,7 +184,8 @@ def test_a_lost_worker_node_moves_its_trials_to_the_node_left(cluster_search):
 
 def test_resume_finds_the_run_in_the_bucket_through_ray(cluster_search):
     from ich_tune.experiment import load_search
-    from ich_tune.search.driver import RunOptions, resolve_run_dir
+    from ich_tune.search.options import RunOptions
+    from ich_tune.search.run_folder import resolve_run_dir
 
     bucket = f"storage={json.dumps(cluster_search.storage)}"
     search = load_search(cluster_search.space, [bucket])

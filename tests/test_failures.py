@@ -109,7 +109,8 @@ def test_a_killed_trial_worker_resumes_from_its_checkpoint(ray_cluster, tiny_rsn
     """Trial A's worker is SIGKILLed once (as the OOM killer would): it restarts from its checkpoint and
     finishes. Trial B's is killed twice with max_failures 1: it ends in error; the search finishes."""
     from ich_tune.experiment import load_search
-    from ich_tune.search.driver import RunOptions, run_search
+    from ich_tune.search.driver import run_search
+    from ich_tune.search.options import RunOptions
     from ich_tune.trials import table
 
     lrs = {"optimizer": {"lr": {"grid_search": [0.003, 0.001]}}}
@@ -118,7 +119,7 @@ def test_a_killed_trial_worker_resumes_from_its_checkpoint(ray_cluster, tiny_rsn
     search = load_search(space)
     outcome = {}
     driver = threading.Thread(target=lambda: outcome.update(
-        result=run_search(search, RunOptions(name="k"), log=lambda *_: None)))
+        result=run_search(search, RunOptions(name="k"))))
     driver.start()
     run_dir = tmp_path / "runs" / "space" / "k"
     trial_a, trial_b = wait_for(lambda: sorted(p for p in run_dir.glob("run_trial_*") if p.is_dir())[:2]
@@ -186,7 +187,7 @@ def test_ctrl_c_marks_the_search_killed_and_resume_finishes_it(tiny_rsna, tmp_pa
 
 
 def test_a_second_driver_of_the_same_run_folder_is_refused(tmp_path):
-    from ich_tune.search.driver import run_lock
+    from ich_tune.search.run_folder import run_lock
 
     run_dir = tmp_path / "space" / "r"
     refusal = rf"{run_dir}: another `run` \(pid {os.getpid()}\) is writing"

@@ -101,11 +101,11 @@ def test_a_missing_token_is_one_message(tmp_path):
     """Token mode on and no token anywhere: Ray refuses before it connects, so no cluster is needed."""
     address = f"127.0.0.1:{free_port()}"
     code = textwrap.dedent("""
-        import sys, types
+        import sys
         from ich_tune.search.cluster import start_ray
         from ich_tune.errors import UserError
         try:
-            start_ray(types.SimpleNamespace(address=sys.argv[1], dashboard_port=None, num_gpus=None))
+            start_ray(sys.argv[1])
         except UserError as err:
             sys.exit(str(err))
         """)
@@ -147,7 +147,7 @@ def test_a_search_joins_the_cluster_and_every_node_prepares_its_data(two_nodes, 
     assert len(complete_caches(driver_cache / "ich_tune")) == 1  # the driver's own: the first variant only
     finished = re.findall(r"^\w+ +[01] +6 +\S+ +finished$", run.output, re.MULTILINE)
     assert len(finished) == 2, run.output[-4000:]
-    unpacked = "session_*/runtime_resources/py_modules_files/*/ich_tune/nodes.py"
+    unpacked = "session_*/runtime_resources/py_modules_files/*/ich_tune/search/nodes.py"
     shipped = list(two_nodes.temp_dir.glob(unpacked))
     assert shipped, "the ich_tune package did not reach the nodes through the runtime environment"
 
@@ -193,9 +193,9 @@ def test_a_failed_preparation_is_tried_again_once_its_cause_is_fixed(ray_cluster
     later = tmp_path / "later"
     data = DataOnNodes([tiny_config(data={"root": str(later)}).data])
     with pytest.raises(UserError, match=rf"^data on node .*{later}"):
-        data.prepare({"cpu": 1, "gpu": 0}, print)
+        data.prepare({"cpu": 1, "gpu": 0})
     shutil.copytree(tiny_rsna, later)
-    data.prepare({"cpu": 1, "gpu": 0}, print)
+    data.prepare({"cpu": 1, "gpu": 0})
     assert len(complete_caches(tmp_path / "cache")) == 1
 
 
@@ -206,7 +206,7 @@ def test_a_trial_no_node_can_hold_is_one_message(ray_cluster, tiny_config):
 
     data = DataOnNodes([tiny_config().data])
     with pytest.raises(UserError, match=r"asks for 64 CPU and 0 GPU .* the largest node has 2 CPU and 1 GPU"):
-        data.prepare({"cpu": 64, "gpu": 0}, print)
+        data.prepare({"cpu": 64, "gpu": 0})
 
 
 def test_rescan_reaches_every_node(ray_cluster, tiny_rsna, tiny_config, tmp_path):
@@ -222,7 +222,7 @@ def test_rescan_reaches_every_node(ray_cluster, tiny_rsna, tiny_config, tmp_path
     old = open_cache(prepare_cache(cfg.data, print))
     files = find_dicom_files(root)
     shutil.copyfile(files[old.ids[1]], files[old.ids[0]])  # the folder's mtime stays: only a rescan sees it
-    DataOnNodes([cfg.data], rescan=True).prepare({"cpu": 1, "gpu": 0}, print)
+    DataOnNodes([cfg.data], rescan=True).prepare({"cpu": 1, "gpu": 0})
     assert len(complete_caches(tmp_path / "cache")) == 2
 
 

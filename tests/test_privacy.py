@@ -36,7 +36,7 @@ def trial(config):
 
 if __name__ == "__main__":
     driver = enabled()
-    start_ray(num_gpus=0, dashboard_port=int(sys.argv[1]), log=lambda *_: None)
+    start_ray(num_gpus=0, dashboard_port=int(sys.argv[1]))
     result = tune.Tuner(trial, tune_config=tune.TuneConfig(num_samples=1)).fit()[0].metrics
     print(json.dumps({"driver": driver, "trial": {k: result[k] for k in driver}}))
 """

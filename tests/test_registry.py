@@ -29,7 +29,7 @@ from ich_tune.errors import UserError
 from ich_tune.experiment import load_search
 from ich_tune.tracking import registry
 from ich_tune.tracking.references import load_trained, resolve_weights
-from tests.conftest import shared_cache, write_space
+from tests.conftest import logged_lines, shared_cache, write_space
 from tests.services import mlflow_server
 
 NAME = "ich-demo"
@@ -52,21 +52,23 @@ class Served:
 
 def search_into(url: str, folder: Path, tiny_rsna: Path, lr: float) -> Searched:
     """One 3-step SGD trial recorded in the server, everything it says captured."""
-    from ich_tune.search.driver import RunOptions, run_search
+    from ich_tune.search.driver import run_search
+    from ich_tune.search.options import RunOptions
 
     folder.mkdir()
     space = write_space(folder, tiny_rsna, experiment={
         "optimizer": {"name": "sgd", "momentum": 0.0, "lr": lr}, "schedule": {"warmup_steps": 0},
         "data": {"cache_dir": str(shared_cache(tiny_rsna))}},
         name=NAME, num_train_steps=3, scheduler={"name": "fifo"}, tracking_uri=url)
-    said, records, stderr = [], [], io.StringIO()
+    records, stderr = [], io.StringIO()
     handler = logging.Handler(logging.DEBUG)
     handler.emit = records.append
     logging.getLogger("mlflow").addHandler(handler)
     try:
-        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(stderr):
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(stderr), \
+                logged_lines() as said:  # the `said` fixture's lines, for a module-scoped fixture
             warnings.simplefilter("always")
-            outcome = run_search(load_search(space), RunOptions(name="r"), log=said.append)
+            outcome = run_search(load_search(space), RunOptions(name="r"))
     finally:
         logging.getLogger("mlflow").removeHandler(handler)
     assert records, "MLflow's log records were not captured"

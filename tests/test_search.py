@@ -38,7 +38,7 @@ def in_thread(search, options):
 
     def drive() -> None:
         try:
-            outcome["result"] = run_search(search, options, log=lambda *_: None)
+            outcome["result"] = run_search(search, options)
         except BaseException as err:  # the test reports it
             outcome["error"] = err
 
@@ -53,7 +53,8 @@ def optuna_search(ray_cluster, tiny_rsna, tmp_path_factory):
     after the other: seeded, the first draws lr 0.05 and the second lr 1e-6, which is worse at the
     first rung (step 3), so ASHA stops it there. TensorBoard and an example grid every 3 steps."""
     from ich_tune.experiment import load_search
-    from ich_tune.search.driver import RunOptions, run_search
+    from ich_tune.search.driver import run_search
+    from ich_tune.search.options import RunOptions
 
     folder = tmp_path_factory.mktemp("optuna")
     space = write_space(folder, tiny_rsna, experiment={
@@ -61,7 +62,7 @@ def optuna_search(ray_cluster, tiny_rsna, tmp_path_factory):
         "model": {"dropout": {"loguniform": {"lower": 0.01, "upper": 0.3}}},
         "schedule": {"warmup_steps": 0}, "logging": {"tensorboard": True, "plot_interval": 3}},
         search_alg={"name": "optuna", "seed": 0}, num_samples=2, max_concurrent_trials=1)
-    return run_search(load_search(space), RunOptions(name="o"), log=lambda *_: None)
+    return run_search(load_search(space), RunOptions(name="o"))
 
 
 @pytest.mark.slow
@@ -143,7 +144,7 @@ def test_quarter_gpu_holds_four_trials_at_once(ray_cluster, tiny_rsna, tmp_path)
     import ray
 
     from ich_tune.experiment import load_search
-    from ich_tune.search.driver import RunOptions
+    from ich_tune.search.options import RunOptions
 
     space = write_space(tmp_path, tiny_rsna, resources={"cpu": 0.5, "gpu": 0.25},
                         scheduler={"name": "fifo"}, num_train_steps=200, val_interval=20,
@@ -184,7 +185,7 @@ def test_randomize_seed_gives_each_trial_its_own_seed_kept_across_a_retry(ray_cl
     """Trial A's worker is SIGKILLed after its first checkpoint; Ray restarts it from there. The seed it
     reports is the same before and after the restart, and differs from trial B's."""
     from ich_tune.experiment import load_search
-    from ich_tune.search.driver import RunOptions
+    from ich_tune.search.options import RunOptions
 
     space = write_space(tmp_path, tiny_rsna, scheduler={"name": "fifo"}, num_train_steps=300,
                         val_interval=30, randomize_seed=True,
@@ -321,7 +322,7 @@ def test_optuna_searcher_tells_pruned_completed_and_failed_apart():
 
     from ich_tune.config.schema import SearchConfig
     from ich_tune.experiment import Search
-    from ich_tune.search.driver import make_search_alg
+    from ich_tune.search.search_algs import make_search_alg
 
     config = SearchConfig(metric="val_accuracy")
     config.search_alg.name = "optuna"

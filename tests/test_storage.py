@@ -6,7 +6,7 @@ import pytest
 
 from ich_tune.errors import ConfigError, UserError
 from ich_tune.search import storage
-from ich_tune.search.driver import run_lock
+from ich_tune.search.run_folder import run_lock
 from ich_tune.tracking.client import ui_hint
 
 BUCKET = "s3://bucket/searches?endpoint_override=127.0.0.1:9000&scheme=http"

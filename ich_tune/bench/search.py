@@ -94,7 +94,8 @@ def variant_overrides(name: str, search) -> list[str]:
 def compare(args: argparse.Namespace, names: list[str]) -> dict:
     """Run every variant; figures per variant, and the grid's as the reference."""
     from ich_tune.experiment import load_search
-    from ich_tune.search.driver import RunOptions, run_search
+    from ich_tune.search.driver import run_search
+    from ich_tune.search.options import RunOptions
 
     # a bench variant is not a candidate model: registering it would add versions and could move champion
     base = [*args.overrides, f"storage={args.storage}", "registered_model=''"]

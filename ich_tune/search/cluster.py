@@ -9,6 +9,7 @@ in a log line and a `ConnectionError`, which becomes one message here.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -19,13 +20,15 @@ import ich_tune
 from ich_tune import PRIVATE_ENV
 from ich_tune.errors import UserError
 
+log = logging.getLogger(__name__)
+
 DASHBOARD_PORT = int(os.environ.get("ICH_TUNE_DASHBOARD_PORT", 8265))
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray for the driver of a submitted job
 TOKEN_FILE = Path.home() / ".ray" / "auth_token"
 
 
-def start_ray(address: str | None = None, dashboard_port: int | None = None, num_gpus: int | None = None,
-              log=print) -> None:
+def start_ray(address: str | None = None, dashboard_port: int | None = None,
+              num_gpus: int | None = None) -> None:
     """Join `address` (else $RAY_ADDRESS), or start a local Ray with its dashboard on 127.0.0.1 at
     `dashboard_port` (default DASHBOARD_PORT) declaring `num_gpus` logical GPUs, and say how to open the
     dashboard.
@@ -55,7 +58,7 @@ def start_ray(address: str | None = None, dashboard_port: int | None = None, num
         raise
     url = context.dashboard_url
     if url:
-        log(f"Ray dashboard: http://{url} ({how_to_open()})")
+        log.info(f"Ray dashboard: http://{url} ({how_to_open()})")
 
 
 def joining_runtime_env(env: dict[str, str]) -> dict:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,8 @@ from ich_tune.data.cache import cache_params
 from ich_tune.data.prepare import prepare_cache
 from ich_tune.errors import ConfigError, UserError
 from ich_tune.experiment import Search
+
+log = logging.getLogger(__name__)
 
 
 def cache_identity(data: DataConfig) -> str:
@@ -128,7 +131,7 @@ class DataOnNodes:
         self.variants = variants
         self.rescan = rescan  # each node checks every file of its data once, when it is prepared
 
-    def prepare(self, resources: dict[str, float], log=print) -> None:
+    def prepare(self, resources: dict[str, float]) -> None:
         """Before the search: every alive node with room for one trial of `resources` ({cpu, gpu})."""
         alive = [n for n in ray.nodes() if n["Alive"]]
         nodes = [n["NodeID"] for n in alive if n["Resources"].get("CPU", 0) >= resources["cpu"]
@@ -141,13 +144,13 @@ class DataOnNodes:
                             f"resources.gpu); the largest node has {cpu:g} CPU and {gpu:g} GPU. Lower "
                             "resources, or add a node that large.")
         count = len(self.variants)
-        log(f"data: preparing {count} cache{'s' if count > 1 else ''} on each of {len(nodes)} node(s) that "
-            "can run trials")
+        log.info(f"data: preparing {count} cache{'s' if count > 1 else ''} on each of {len(nodes)} node(s) "
+                 "that can run trials")
         asks = [self.preparer.ready.remote(node, self.variants, self.rescan) for node in nodes]
         for caches in ray.get(asks):
             if caches.error:
                 raise UserError(f"data on node {caches.node}: {caches.error}")
-            log(f"data: node {caches.node} ready: {', '.join(sorted(set(caches.paths.values())))}")
+            log.info(f"data: node {caches.node} ready: {', '.join(sorted(set(caches.paths.values())))}")
 
     def cache_for(self, data: DataConfig) -> Path:
         """In a trial: this node's cache for `data`, once the node is prepared. Never builds one."""
