@@ -37,7 +37,7 @@ from ich_tune.training.checkpoint import (
     save_checkpoint,
 )
 from ich_tune.training.device import Placement, place
-from ich_tune.training.optim import make_loss, make_optimizer, make_scheduler
+from ich_tune.training.optim import make_loss, make_lr_schedule, make_optimizer
 from ich_tune.trials import DIVERGED, ERROR
 
 HPARAM_METRICS = ("val/accuracy", "val/auc_any", "val/auc_mean", "val/log_loss")  # scalars written below
@@ -119,7 +119,7 @@ def train(cfg: ExperimentConfig, cache_path: Path, out_dir: Path, report: Report
 
 
 @dataclass
-class Run:
+class Training:
     """What training changes step by step, and what a checkpoint must hold to continue it exactly."""
 
     cfg: ExperimentConfig
@@ -129,13 +129,14 @@ class Run:
     batches: TrainBatches
     loss_fn: Callable
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    lr_schedule: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     steps: int  # the budget
 
-    def training_state(self, step: int, history: list[dict]) -> dict:
+    def state(self, step: int, history: list[dict]) -> dict:
+        # the learning-rate schedule is saved as "scheduler", the key every checkpoint has had
         return {"step": step, "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "scheduler": self.lr_schedule.state_dict(), "scaler": self.scaler.state_dict(),
                 "sampler": self.batches.state(), "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
                 "history": history}
@@ -146,7 +147,7 @@ class Run:
         load_state(self.model, saved)
         state = saved.training
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.lr_schedule.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.batches.load_state(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
@@ -156,7 +157,7 @@ class Run:
         return state["step"], state["history"]
 
 
-def set_up(cfg: ExperimentConfig, cache_path: Path, threads: int | None, warm_start: bool, log) -> Run:
+def set_up(cfg: ExperimentConfig, cache_path: Path, threads: int | None, warm_start: bool, log) -> Training:
     """Threads, seeds, device, data, the network (warm-started from model.init_from), optimizer."""
     torch.set_num_threads(cfg.train.threads or threads or len(os.sched_getaffinity(0)))
     seed_everything(cfg.seed, cfg.train.deterministic)
@@ -173,30 +174,30 @@ def set_up(cfg: ExperimentConfig, cache_path: Path, threads: int | None, warm_st
                            balanced=cfg.data.balanced, augment=cfg.data.augment)
     steps = total_steps(cfg, batches.batches_per_epoch)
     optimizer = make_optimizer(cfg.optimizer, model.parameters())
-    return Run(cfg, splits, placement, model, batches, make_loss(cfg.loss.objective), optimizer,
-               make_scheduler(optimizer, cfg.schedule, steps),
-               torch.amp.GradScaler("cuda", enabled=placement.half == torch.float16), steps)
+    return Training(cfg, splits, placement, model, batches, make_loss(cfg.loss.objective), optimizer,
+                    make_lr_schedule(optimizer, cfg.schedule, steps),
+                    torch.amp.GradScaler("cuda", enabled=placement.half == torch.float16), steps)
 
 
-def train_step(run: Run, step: int) -> torch.Tensor:
+def train_step(training: Training, step: int) -> torch.Tensor:
     """One optimizer step; the loss stays on the device (no GPU sync every step)."""
-    images, labels = next(run.batches)
-    images = to_float(run.placement.images(images))
-    labels = labels.to(run.placement.device, non_blocking=True)
-    with run.placement.autocast():
-        loss = run.loss_fn(run.model(images).float(), labels)
+    images, labels = next(training.batches)
+    images = to_float(training.placement.images(images))
+    labels = labels.to(training.placement.device, non_blocking=True)
+    with training.placement.autocast():
+        loss = training.loss_fn(training.model(images).float(), labels)
     if not torch.isfinite(loss):
         raise LossNotFinite(f"step {step}: the training loss is {loss.item()}. Lower optimizer.lr "
-                            f"(now {run.cfg.optimizer.lr:g}), set optimizer.grad_clip, or try amp: off.",
+                            f"(now {training.cfg.optimizer.lr:g}), set optimizer.grad_clip, or try amp: off.",
                             step)
-    run.optimizer.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()
-    if run.cfg.optimizer.grad_clip:
-        run.scaler.unscale_(run.optimizer)
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.optimizer.grad_clip)
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
-    run.scheduler.step()
+    training.optimizer.zero_grad(set_to_none=True)
+    training.scaler.scale(loss).backward()
+    if training.cfg.optimizer.grad_clip:
+        training.scaler.unscale_(training.optimizer)
+        torch.nn.utils.clip_grad_norm_(training.model.parameters(), training.cfg.optimizer.grad_clip)
+    training.scaler.step(training.optimizer)
+    training.scaler.update()
+    training.lr_schedule.step()
     return loss.detach()
 
 
@@ -213,10 +214,10 @@ class LossWindow:
         self.total += loss  # a tensor on the device until printed
         self.count += 1
 
-    def print(self, run: Run, step: int, writer, log) -> None:
-        loss, lr = float(self.total) / self.count, run.scheduler.get_last_lr()[0]
-        rate = self.count * run.cfg.train.batch_size / (time.perf_counter() - self.started)
-        log(f"step {step:>6}/{run.steps}  loss {loss:.4f}  lr {lr:.2e}  {rate:,.0f} samples/s")
+    def print(self, training: Training, step: int, writer, log) -> None:
+        loss, lr = float(self.total) / self.count, training.lr_schedule.get_last_lr()[0]
+        rate = self.count * training.cfg.train.batch_size / (time.perf_counter() - self.started)
+        log(f"step {step:>6}/{training.steps}  loss {loss:.4f}  lr {lr:.2e}  {rate:,.0f} samples/s")
         if writer:
             writer.add_scalar("train/loss", loss, step)
             writer.add_scalar("train/lr", lr, step)
@@ -224,11 +225,11 @@ class LossWindow:
         self.reset()
 
 
-def validate(run: Run, step: int, writer, log) -> tuple[dict, np.ndarray, np.ndarray]:
+def validate(training: Training, step: int, writer, log) -> tuple[dict, np.ndarray, np.ndarray]:
     """Metrics over the validation split (logged, and written to TensorBoard), probabilities, labels."""
-    scores, probs, labels = evaluate(run.model, run.splits, run.cfg, run.placement)
-    metrics = {"step": step, "epoch": step / run.batches.batches_per_epoch, **scores}
-    log(f"step {step:>6}/{run.steps}  val accuracy {metrics['val_accuracy']:.4f} "
+    scores, probs, labels = evaluate(training.model, training.splits, training.cfg, training.placement)
+    metrics = {"step": step, "epoch": step / training.batches.batches_per_epoch, **scores}
+    log(f"step {step:>6}/{training.steps}  val accuracy {metrics['val_accuracy']:.4f} "
         f"(all-negative {metrics['val_accuracy_baseline']:.4f})  "
         f"AUC any {metrics['val_auc_any']:.4f}  log loss {metrics['val_log_loss']:.4f}")
     if writer:
@@ -239,18 +240,19 @@ def validate(run: Run, step: int, writer, log) -> tuple[dict, np.ndarray, np.nda
     return metrics, probs, labels
 
 
-def save_step(run: Run, out_dir: Path, step: int, history: list[dict], probs: np.ndarray,
+def save_step(training: Training, out_dir: Path, step: int, history: list[dict], probs: np.ndarray,
               labels: np.ndarray, writer) -> Path:
     """A checkpoint folder: checkpoint.pt, the validation's probabilities and, at the plot interval
     and at the end, the example grid."""
     folder = out_dir / f"checkpoint_{step:07d}"
     folder.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(folder / CHECKPOINT_FILE, run.cfg, run.model, training=run.training_state(step, history))
-    np.savez(folder / VALIDATION_FILE, probs=probs, labels=labels, indices=run.splits.val[:len(probs)])
-    logging = run.cfg.logging
-    if step % logging.plot_interval == 0 or step == run.steps:
-        png = example_grid(run.splits.cache.rows(run.splits.val), labels, probs, logging.plot_examples,
-                           logging.plot_baseline, seed=run.cfg.seed)
+    save_checkpoint(folder / CHECKPOINT_FILE, training.cfg, training.model,
+                    training=training.state(step, history))
+    np.savez(folder / VALIDATION_FILE, probs=probs, labels=labels, indices=training.splits.val[:len(probs)])
+    settings = training.cfg.logging
+    if step % settings.plot_interval == 0 or step == training.steps:
+        png = example_grid(training.splits.cache.rows(training.splits.val), labels, probs,
+                           settings.plot_examples, settings.plot_baseline, seed=training.cfg.seed)
         (folder / EXAMPLES_FILE).write_bytes(png)
         if writer:
             writer.add_image("examples", png_to_array(png), step, dataformats="HWC")
@@ -259,20 +261,20 @@ def save_step(run: Run, out_dir: Path, step: int, history: list[dict], probs: np
 
 def _train(cfg: ExperimentConfig, cache_path: Path, out_dir: Path, report: Report | None,
            resume_from: Path | None, threads: int | None, log, tensorboard_dir: Path | None) -> Outcome:
-    run = set_up(cfg, cache_path, threads, warm_start=resume_from is None, log=log)
-    start, history = run.resume(resume_from, log) if resume_from else (0, [])
+    training = set_up(cfg, cache_path, threads, warm_start=resume_from is None, log=log)
+    start, history = training.resume(resume_from, log) if resume_from else (0, [])
     writer = _tensorboard(tensorboard_dir or out_dir, cfg.logging.tensorboard)
-    run.model.train()
+    training.model.train()
     window, metrics, kept = LossWindow(), (history[-1] if history else {}), None
-    for step in range(start + 1, run.steps + 1):
-        window.add(train_step(run, step))
-        if step % cfg.logging.print_interval == 0 or step == run.steps:
-            window.print(run, step, writer, log)
-        if step % cfg.train.val_interval and step != run.steps:
+    for step in range(start + 1, training.steps + 1):
+        window.add(train_step(training, step))
+        if step % cfg.logging.print_interval == 0 or step == training.steps:
+            window.print(training, step, writer, log)
+        if step % cfg.train.val_interval and step != training.steps:
             continue
-        metrics, probs, labels = validate(run, step, writer, log)
+        metrics, probs, labels = validate(training, step, writer, log)
         history.append(metrics)
-        folder = save_step(run, out_dir, step, history, probs, labels, writer)
+        folder = save_step(training, out_dir, step, history, probs, labels, writer)
         if report is not None:
             report(metrics, folder)
             _discard(folder)  # the reporter has copied it to its storage
@@ -281,7 +283,7 @@ def _train(cfg: ExperimentConfig, cache_path: Path, out_dir: Path, report: Repor
             kept = folder
     if writer:
         writer.close()
-    return Outcome(steps=run.steps, metrics=metrics, history=history, model=run.model)
+    return Outcome(steps=training.steps, metrics=metrics, history=history, model=training.model)
 
 
 @torch.no_grad()
