@@ -290,6 +290,7 @@ def measure_step_time(search, steps: int = 10, budget_s: float = 20.0) -> tuple[
     from ich_tune.models import build_model
     from ich_tune.training.device import place
     from ich_tune.training.optim import make_loss, make_optimizer
+    from ich_tune.training.step import optimizer_step
 
     config = search.trial_experiment(search.first_values)
     placement = place(config.train)
@@ -299,13 +300,12 @@ def measure_step_time(search, steps: int = 10, budget_s: float = 20.0) -> tuple[
     labels = torch.zeros(batch, config.model.num_classes, device=placement.device)
     loss_fn = make_loss(config.loss.objective)
     optimizer = make_optimizer(config.optimizer, model.parameters())
+    scaler = placement.grad_scaler()
     model.train()
+
     def step() -> None:
-        with placement.autocast():
-            loss = loss_fn(model(images).float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss = optimizer_step(model, loss_fn, optimizer, placement, scaler, images, labels,
+                              config.optimizer.grad_clip)
         loss.item()  # waits for the GPU
 
     step()

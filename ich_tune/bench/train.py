@@ -91,7 +91,7 @@ def real_loop_rate(config, cache: Path, warmup: int) -> float:
 
 
 def bare_loop_rate(config, cache: Path, steps: int) -> float:
-    """Steps/s of forward, backward and optimizer step on one batch already in memory."""
+    """Steps/s of the loop's optimizer step on one batch already in memory."""
     import numpy as np
     import torch
 
@@ -99,22 +99,25 @@ def bare_loop_rate(config, cache: Path, steps: int) -> float:
     from ich_tune.data.context import input_channels, with_context
     from ich_tune.data.loader import gather, to_float
     from ich_tune.models import build_model
+    from ich_tune.training.device import place
     from ich_tune.training.optim import make_loss, make_optimizer
+    from ich_tune.training.step import optimizer_step
 
     stacked = with_context(open_cache(cache), config.data.context)  # the batch training would see
+    placement = place(config.train)
     batch, _ = gather(stacked, np.arange(config.train.batch_size))
-    labels = torch.zeros(config.train.batch_size, config.model.num_classes)
-    model = build_model(config.model, in_channels=input_channels(config.data))
+    batch = placement.images(batch)
+    labels = torch.zeros(config.train.batch_size, config.model.num_classes, device=placement.device)
+    model = placement.model(build_model(config.model, in_channels=input_channels(config.data)))
     loss_fn = make_loss(config.loss.objective)
     optimizer = make_optimizer(config.optimizer, model.parameters())
+    scaler = placement.grad_scaler()
     model.train()
     for step in range(steps + 10):
         if step == 10:
             start = time.perf_counter()
-        loss = loss_fn(model(to_float(batch)), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss = optimizer_step(model, loss_fn, optimizer, placement, scaler, to_float(batch), labels,
+                              config.optimizer.grad_clip)
         loss.item()
     return steps / (time.perf_counter() - start)
 
@@ -123,36 +126,43 @@ def gpu_table() -> list[dict]:
     """Samples/s and peak memory of the halfres model at the original's two input sizes, AMP on/off."""
     import torch
 
-    from ich_tune.models.resnet import ResNetClassifier2d
-    from ich_tune.training.optim import make_loss
-
     rows = []
     print(f"  GPU: {torch.cuda.get_device_name()}, halfres model (hidden_dims 256,192,128,64), MSE, Adam")
     print(f"  {'input':>9} {'batch':>5} {'amp':>5} {'samples/s':>10} {'peak MiB':>9}")
     for size, batch_size in ((256, 12), (512, 4)):
         for amp in (None, torch.bfloat16):
-            model = ResNetClassifier2d(1, hidden_dims=(256, 192, 128, 64), dropout=0.15).cuda()
-            model = model.to(memory_format=torch.channels_last)
-            optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-            loss_fn = make_loss("mse")
-            x = torch.randn(batch_size, 1, size, size, device="cuda").contiguous(
-                memory_format=torch.channels_last)
-            y = torch.zeros(batch_size, 6, device="cuda")
             torch.cuda.reset_peak_memory_stats()
-            for step in range(60):
-                if step == 10:
-                    torch.cuda.synchronize()
-                    start = time.perf_counter()
-                with torch.autocast("cuda", dtype=amp, enabled=amp is not None):
-                    loss = loss_fn(model(x).float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            torch.cuda.synchronize()
-            rate = 50 * batch_size / (time.perf_counter() - start)
+            start, end = halfres_steps(size, batch_size, amp, steps=50)
+            rate = 50 * batch_size / (end - start)
             peak = torch.cuda.max_memory_allocated() / 2**20
             name = "bf16" if amp else "off"
             print(f"  {size:>4}x{size:<4} {batch_size:>5} {name:>5} {rate:>10.1f} {peak:>9.0f}")
             rows.append({"size": size, "batch": batch_size, "amp": name, "samples_per_s": rate,
                          "peak_mib": peak})
     return rows
+
+
+def halfres_steps(size: int, batch_size: int, amp, steps: int, warmup: int = 10) -> tuple[float, float]:
+    """time.time() before and after `steps` optimizer steps (after `warmup` more) of the halfres model
+    on the GPU: random input at size x size, channels-last, autocast to `amp` (None: float32), MSE, Adam.
+    Wall-clock times, so that steps in several processes can be put on one time line."""
+    import torch
+
+    from ich_tune.models.resnet import ResNetClassifier2d
+    from ich_tune.training.device import Placement
+    from ich_tune.training.optim import make_loss
+    from ich_tune.training.step import optimizer_step
+
+    placement = Placement(torch.device("cuda"), amp, channels_last=True)
+    model = placement.model(ResNetClassifier2d(1, hidden_dims=(256, 192, 128, 64), dropout=0.15))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn, scaler = make_loss("mse"), placement.grad_scaler()
+    images = placement.images(torch.randn(batch_size, 1, size, size, device="cuda"))
+    labels = torch.zeros(batch_size, 6, device="cuda")
+    for step in range(warmup + steps):
+        if step == warmup:
+            torch.cuda.synchronize()
+            start = time.time()
+        optimizer_step(model, loss_fn, optimizer, placement, scaler, images, labels)
+    torch.cuda.synchronize()
+    return start, time.time()

@@ -1,2 +1,2 @@
-"""Training one model: the loop (loop), loss, optimizer and learning-rate schedule (optim), the saved-model
-format (checkpoint), and where a model runs (device)."""
+"""Training one model: the loop (loop), one optimizer step (step), loss, optimizer and learning-rate
+schedule (optim), the saved-model format (checkpoint), and where a model runs (device)."""

@@ -38,6 +38,7 @@ from ich_tune.training.checkpoint import (
 )
 from ich_tune.training.device import Placement, place
 from ich_tune.training.optim import make_loss, make_lr_schedule, make_optimizer
+from ich_tune.training.step import NonFiniteLoss, optimizer_step
 from ich_tune.trials import DIVERGED, ERROR
 
 HPARAM_METRICS = ("val/accuracy", "val/auc_any", "val/auc_mean", "val/log_loss")  # scalars written below
@@ -176,29 +177,22 @@ def set_up(cfg: ExperimentConfig, cache_path: Path, threads: int | None, warm_st
     optimizer = make_optimizer(cfg.optimizer, model.parameters())
     return Training(cfg, splits, placement, model, batches, make_loss(cfg.loss.objective), optimizer,
                     make_lr_schedule(optimizer, cfg.schedule, steps),
-                    torch.amp.GradScaler("cuda", enabled=placement.half == torch.float16), steps)
+                    placement.grad_scaler(), steps)
 
 
 def train_step(training: Training, step: int) -> torch.Tensor:
-    """One optimizer step; the loss stays on the device (no GPU sync every step)."""
+    """One optimizer step on the next batch; the loss stays on the device (no GPU sync every step)."""
     images, labels = next(training.batches)
     images = to_float(training.placement.images(images))
     labels = labels.to(training.placement.device, non_blocking=True)
-    with training.placement.autocast():
-        loss = training.loss_fn(training.model(images).float(), labels)
-    if not torch.isfinite(loss):
-        raise LossNotFinite(f"step {step}: the training loss is {loss.item()}. Lower optimizer.lr "
-                            f"(now {training.cfg.optimizer.lr:g}), set optimizer.grad_clip, or try amp: off.",
-                            step)
-    training.optimizer.zero_grad(set_to_none=True)
-    training.scaler.scale(loss).backward()
-    if training.cfg.optimizer.grad_clip:
-        training.scaler.unscale_(training.optimizer)
-        torch.nn.utils.clip_grad_norm_(training.model.parameters(), training.cfg.optimizer.grad_clip)
-    training.scaler.step(training.optimizer)
-    training.scaler.update()
+    try:
+        loss = optimizer_step(training.model, training.loss_fn, training.optimizer, training.placement,
+                              training.scaler, images, labels, training.cfg.optimizer.grad_clip)
+    except NonFiniteLoss as err:
+        raise LossNotFinite(f"step {step}: {err}. Lower optimizer.lr (now {training.cfg.optimizer.lr:g}), "
+                            "set optimizer.grad_clip, or try amp: off.", step) from None
     training.lr_schedule.step()
-    return loss.detach()
+    return loss
 
 
 class LossWindow:
