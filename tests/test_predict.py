@@ -36,7 +36,8 @@ from ich_tune.predict import (
 )
 from ich_tune.tracking.references import load_trained
 from ich_tune.training.device import place
-from ich_tune.training.loop import predict_batches, train
+from ich_tune.training.inference import predict_batches
+from ich_tune.training.loop import train
 from tests.conftest import tiny_tree
 from tests.test_weights import save_trained
 

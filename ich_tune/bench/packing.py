@@ -12,6 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ich_tune.bench.train import halfres_steps
 from ich_tune.errors import UserError
 
 
@@ -23,9 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def train_share(fraction: float, steps: int) -> dict:
     """One trial's share: the halfres loop of `bench train` under a CUDA memory cap of `fraction`."""
+    # loaded when the bench runs, not when the CLI builds its parser (see ich_tune.bench)
     import torch
-
-    from ich_tune.bench.train import halfres_steps
 
     torch.cuda.set_per_process_memory_fraction(fraction)
     try:
@@ -37,6 +37,7 @@ def train_share(fraction: float, steps: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    # loaded when the bench runs, not when the CLI builds its parser (see ich_tune.bench)
     import ray
     import torch
 

@@ -1,6 +1,6 @@
 """Steps/s of the real training loop against a bare loop of the same model (and GPU throughput).
 
-The real loop is `ich_tune.train.train` itself, unchanged: it gathers batches from the memory-mapped
+The real loop is `ich_tune.training.loop.train` itself, unchanged: it gathers batches from the memory-mapped
 cache, steps the schedule and logs. It is timed between two of its own progress lines, so set-up and
 the final validation stay outside the measurement. The bare loop runs the same model, loss and
 optimizer on one batch of tensors held in memory: what the loop would cost with free data.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,8 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # loaded when the bench runs, not when the CLI builds its parser (see ich_tune.bench)
     import torch
 
+    from ich_tune.data.cache import open_cache
     from ich_tune.data.prepare import prepare_cache
     from ich_tune.experiment import load_experiment
 
@@ -46,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
         "machine": f"{os.cpu_count()} CPU cores, {threads} torch threads"
                    + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
         "experiment": str(args.experiment), "batch_size": config.train.batch_size,
-        "input": list(cache_shape(cache)), "real_steps_per_s": max(real), "bare_steps_per_s": max(bare),
+        "input": list(open_cache(cache).images.shape[1:]), "real_steps_per_s": max(real),
+        "bare_steps_per_s": max(bare),
         "ratio": max(real) / max(bare), "target_ratio": 0.95,
     }
     print(f"bench train: {figures['experiment']}, batch {figures['batch_size']}, input {figures['input']}, "
@@ -66,16 +70,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def cache_shape(cache_path: Path) -> tuple[int, ...]:
-    from ich_tune.data.cache import open_cache
-
-    return open_cache(cache_path).images.shape[1:]
-
-
 def real_loop_rate(config, cache: Path, warmup: int) -> float:
     """Steps/s of `train` between its progress lines at step `warmup` and at the last step."""
-    import tempfile
-
+    # loaded when the bench runs, not when the CLI builds its parser (see ich_tune.bench)
     from ich_tune.training.loop import train
 
     stamps: dict[int, float] = {}
@@ -92,6 +89,7 @@ def real_loop_rate(config, cache: Path, warmup: int) -> float:
 
 def bare_loop_rate(config, cache: Path, steps: int) -> float:
     """Steps/s of the loop's optimizer step on one batch already in memory."""
+    # loaded when the bench runs, not when the CLI builds its parser (see ich_tune.bench)
     import numpy as np
     import torch
 
@@ -124,6 +122,7 @@ def bare_loop_rate(config, cache: Path, steps: int) -> float:
 
 def gpu_table() -> list[dict]:
     """Samples/s and peak memory of the halfres model at the original's two input sizes, AMP on/off."""
+    # loaded when the bench runs, not when the CLI builds its parser (see ich_tune.bench)
     import torch
 
     rows = []
@@ -146,6 +145,7 @@ def halfres_steps(size: int, batch_size: int, amp, steps: int, warmup: int = 10)
     """time.time() before and after `steps` optimizer steps (after `warmup` more) of the halfres model
     on the GPU: random input at size x size, channels-last, autocast to `amp` (None: float32), MSE, Adam.
     Wall-clock times, so that steps in several processes can be put on one time line."""
+    # loaded when the bench runs, not when the CLI builds its parser (see ich_tune.bench)
     import torch
 
     from ich_tune.models.resnet import ResNetClassifier2d

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from tensorboardX import SummaryWriter
+from tensorboardX.summary import hparams
 
 from ich_tune.config.schema import ExperimentConfig
 from ich_tune.data.context import input_channels
@@ -37,6 +39,7 @@ from ich_tune.training.checkpoint import (
     save_checkpoint,
 )
 from ich_tune.training.device import Placement, place
+from ich_tune.training.inference import predict_batches
 from ich_tune.training.optim import make_loss, make_lr_schedule, make_optimizer
 from ich_tune.training.step import NonFiniteLoss, optimizer_step
 from ich_tune.trials import DIVERGED, ERROR
@@ -208,7 +211,7 @@ class LossWindow:
         self.total += loss  # a tensor on the device until printed
         self.count += 1
 
-    def print(self, training: Training, step: int, writer, log) -> None:
+    def print(self, training: Training, step: int, writer: SummaryWriter | None, log) -> None:
         loss, lr = float(self.total) / self.count, training.lr_schedule.get_last_lr()[0]
         rate = self.count * training.cfg.train.batch_size / (time.perf_counter() - self.started)
         log(f"step {step:>6}/{training.steps}  loss {loss:.4f}  lr {lr:.2e}  {rate:,.0f} samples/s")
@@ -219,7 +222,8 @@ class LossWindow:
         self.reset()
 
 
-def validate(training: Training, step: int, writer, log) -> tuple[dict, np.ndarray, np.ndarray]:
+def validate(training: Training, step: int, writer: SummaryWriter | None, log
+             ) -> tuple[dict, np.ndarray, np.ndarray]:
     """Metrics over the validation split (logged, and written to TensorBoard), probabilities, labels."""
     scores, probs, labels = evaluate(training.model, training.splits, training.cfg, training.placement)
     metrics = {"step": step, "epoch": step / training.batches.batches_per_epoch, **scores}
@@ -235,7 +239,7 @@ def validate(training: Training, step: int, writer, log) -> tuple[dict, np.ndarr
 
 
 def save_step(training: Training, out_dir: Path, step: int, history: list[dict], probs: np.ndarray,
-              labels: np.ndarray, writer) -> Path:
+              labels: np.ndarray, writer: SummaryWriter | None) -> Path:
     """A checkpoint folder: checkpoint.pt, the validation's probabilities and, at the plot interval
     and at the end, the example grid."""
     folder = out_dir / f"checkpoint_{step:07d}"
@@ -289,21 +293,6 @@ def evaluate(model: torch.nn.Module, splits: Splits, cfg: ExperimentConfig, plac
     return {f"val_{k}": float(v) for k, v in compute_metrics(probs, labels).items()}, probs, labels
 
 
-@torch.no_grad()
-def predict_batches(model: torch.nn.Module, batches, placement: Placement) -> tuple[np.ndarray, np.ndarray]:
-    """Sigmoid probabilities and labels over (images, labels) batches, in eval mode."""
-    was_training = model.training
-    model.eval()
-    all_probs, all_labels = [], []
-    for images, labels in batches:
-        images = to_float(placement.images(images))
-        with placement.autocast():
-            all_probs.append(torch.sigmoid(model(images).float()).cpu().numpy())
-        all_labels.append(labels.numpy())
-    model.train(was_training)
-    return np.concatenate(all_probs), np.concatenate(all_labels)
-
-
 def _discard(folder: Path | None) -> None:
     if folder is not None:
         shutil.rmtree(folder, ignore_errors=True)
@@ -312,9 +301,6 @@ def _discard(folder: Path | None) -> None:
 def write_hparams(folder: Path, values: dict[str, Any]) -> None:
     """A trial's searched values for TensorBoard's HParams dashboard. Its metric columns are the
     validation scalars the training loop writes to the same folder, so stopped trials show too."""
-    from tensorboardX import SummaryWriter
-    from tensorboardX.summary import hparams
-
     plain = {k: v if isinstance(v, (bool, str, int, float)) else str(v) for k, v in values.items()}
     experiment, session_start, _ = hparams(plain, dict.fromkeys(HPARAM_METRICS, 0.0))
     with SummaryWriter(str(folder)) as writer:
@@ -322,10 +308,8 @@ def write_hparams(folder: Path, values: dict[str, Any]) -> None:
         writer.file_writer.add_summary(session_start)
 
 
-def _tensorboard(folder: Path, enabled: bool):
+def _tensorboard(folder: Path, enabled: bool) -> SummaryWriter | None:
     if not enabled:
         return None
-    from tensorboardX import SummaryWriter
-
     return SummaryWriter(str(folder), flush_secs=10)
 
