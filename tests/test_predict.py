@@ -184,8 +184,7 @@ def trained_context(tiny_rsna, tmp_path_factory):
     """A model trained for a few steps with data.context 1, on the cache `trained` uses: (outcome, config)."""
     config = build_experiment(tiny_tree(tiny_rsna, tiny_rsna.parent / "cache-for-weights",
                                         data={"context": 1}), {})
-    outcome = train(config, prepare_cache(config.data, log=quiet), tmp_path_factory.mktemp("context"),
-                    log=quiet)
+    outcome = train(config, prepare_cache(config.data, log=quiet), tmp_path_factory.mktemp("context"))
     return outcome, config
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import tempfile
 import time
@@ -73,16 +74,23 @@ def run(args: argparse.Namespace) -> int:
 def real_loop_rate(config, cache: Path, warmup: int) -> float:
     """Steps/s of `train` between its progress lines at step `warmup` and at the last step."""
     # loaded when the bench runs, not when the CLI builds its parser (see ich_tune.bench)
-    from ich_tune.training.loop import train
+    from ich_tune.training import loop
 
     stamps: dict[int, float] = {}
 
-    def log(line: str) -> None:
+    def stamp(record: logging.LogRecord) -> bool:
+        """Times each progress line, and keeps the loop's lines from printing between the figures."""
+        line = record.getMessage()
         if line.startswith("step") and " loss " in line:
             stamps[int(line.split()[1].split("/")[0])] = time.perf_counter()
+        return False
 
-    with tempfile.TemporaryDirectory() as out:
-        train(config, cache, Path(out), log=log)
+    loop.log.addFilter(stamp)
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            loop.train(config, cache, Path(out))
+    finally:
+        loop.log.removeFilter(stamp)
     last = max(stamps)
     return (last - warmup) / (stamps[last] - stamps[warmup])
 

@@ -36,6 +36,7 @@ from ich_tune.config.schema import SearchConfig
 from ich_tune.data.prepare import prepare_cache, resolve_root
 from ich_tune.errors import Interrupted, UserError
 from ich_tune.experiment import Search, build_experiment
+from ich_tune.logs import to_stdout
 from ich_tune.search import storage
 from ich_tune.search.cluster import start_ray
 from ich_tune.search.nodes import DataOnNodes, data_variants
@@ -113,6 +114,7 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
     """One trial: the training loop, reporting each validation and checkpoint to Ray Tune."""
     import torch
 
+    to_stdout()  # the loop's lines, in this worker process as in the CLI
     cfg = build_experiment(config, {})
     context = tune.get_context()
     trial_dir = Path(context.get_trial_dir())

@@ -6,6 +6,7 @@ progress goes to the log. A checkpoint holds everything a resumed run needs to c
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -43,6 +44,8 @@ from ich_tune.training.inference import predict_batches
 from ich_tune.training.optim import make_loss, make_lr_schedule, make_optimizer
 from ich_tune.training.step import NonFiniteLoss, optimizer_step
 from ich_tune.trials import DIVERGED, ERROR
+
+log = logging.getLogger(__name__)
 
 HPARAM_METRICS = ("val/accuracy", "val/auc_any", "val/auc_mean", "val/log_loss")  # scalars written below
 Report = Callable[[dict, Path | None], None]  # (metrics, folder holding a checkpoint or None)
@@ -110,12 +113,12 @@ def total_steps(cfg: ExperimentConfig, batches_per_epoch: int) -> int:
 
 
 def train(cfg: ExperimentConfig, cache_path: Path, out_dir: Path, report: Report | None = None,
-          resume_from: Path | None = None, threads: int | None = None, log=print,
+          resume_from: Path | None = None, threads: int | None = None,
           tensorboard_dir: Path | None = None) -> Outcome:
     """Train one model; validate every `train.val_interval` steps and at the end. Running out of memory
     ends it with one message that says what to lower."""
     try:
-        return _train(cfg, cache_path, out_dir, report, resume_from, threads, log, tensorboard_dir)
+        return _train(cfg, cache_path, out_dir, report, resume_from, threads, tensorboard_dir)
     except Exception as err:
         if is_out_of_memory(err):
             raise out_of_memory(cfg) from None
@@ -145,7 +148,7 @@ class Training:
                 "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
                 "history": history}
 
-    def resume(self, folder: Path, log) -> tuple[int, list[dict]]:
+    def resume(self, folder: Path) -> tuple[int, list[dict]]:
         """Model, optimizer, schedule, sampler and RNG as saved in `folder`; the step and history."""
         saved = load_checkpoint(folder / CHECKPOINT_FILE)
         load_state(self.model, saved)
@@ -157,23 +160,23 @@ class Training:
         torch.set_rng_state(state["torch_rng"])
         if self.placement.device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"])
-        log(f"resumed from {folder} at step {state['step']}")
+        log.info(f"resumed from {folder} at step {state['step']}")
         return state["step"], state["history"]
 
 
-def set_up(cfg: ExperimentConfig, cache_path: Path, threads: int | None, warm_start: bool, log) -> Training:
+def set_up(cfg: ExperimentConfig, cache_path: Path, threads: int | None, warm_start: bool) -> Training:
     """Threads, seeds, device, data, the network (warm-started from model.init_from), optimizer."""
     torch.set_num_threads(cfg.train.threads or threads or len(os.sched_getaffinity(0)))
     seed_everything(cfg.seed, cfg.train.deterministic)
     placement = place(cfg.train)
-    splits = load_splits(cache_path, cfg.data, log)
+    splits = load_splits(cache_path, cfg.data, log.info)
     model = build_model(cfg.model, in_channels=input_channels(cfg.data))
     if cfg.model.init_from and warm_start:
         loaded = load_weights(model, Path(cfg.model.init_from).expanduser())
-        log(f"model: {loaded} tensors loaded from {cfg.model.init_from}")
+        log.info(f"model: {loaded} tensors loaded from {cfg.model.init_from}")
     placement.model(model)
-    log(f"model: {cfg.model.name}, {count_parameters(model):,} parameters, "
-        f"input {input_channels(cfg.data)}x{cfg.data.size}x{cfg.data.size}, device {placement.device}")
+    log.info(f"model: {cfg.model.name}, {count_parameters(model):,} parameters, "
+             f"input {input_channels(cfg.data)}x{cfg.data.size}x{cfg.data.size}, device {placement.device}")
     batches = TrainBatches(splits.cache, splits.train, cfg.train.batch_size, seed=cfg.seed,
                            balanced=cfg.data.balanced, augment=cfg.data.augment)
     steps = total_steps(cfg, batches.batches_per_epoch)
@@ -211,10 +214,10 @@ class LossWindow:
         self.total += loss  # a tensor on the device until printed
         self.count += 1
 
-    def print(self, training: Training, step: int, writer: SummaryWriter | None, log) -> None:
+    def print(self, training: Training, step: int, writer: SummaryWriter | None) -> None:
         loss, lr = float(self.total) / self.count, training.lr_schedule.get_last_lr()[0]
         rate = self.count * training.cfg.train.batch_size / (time.perf_counter() - self.started)
-        log(f"step {step:>6}/{training.steps}  loss {loss:.4f}  lr {lr:.2e}  {rate:,.0f} samples/s")
+        log.info(f"step {step:>6}/{training.steps}  loss {loss:.4f}  lr {lr:.2e}  {rate:,.0f} samples/s")
         if writer:
             writer.add_scalar("train/loss", loss, step)
             writer.add_scalar("train/lr", lr, step)
@@ -222,14 +225,14 @@ class LossWindow:
         self.reset()
 
 
-def validate(training: Training, step: int, writer: SummaryWriter | None, log
+def validate(training: Training, step: int, writer: SummaryWriter | None
              ) -> tuple[dict, np.ndarray, np.ndarray]:
     """Metrics over the validation split (logged, and written to TensorBoard), probabilities, labels."""
     scores, probs, labels = evaluate(training.model, training.splits, training.cfg, training.placement)
     metrics = {"step": step, "epoch": step / training.batches.batches_per_epoch, **scores}
-    log(f"step {step:>6}/{training.steps}  val accuracy {metrics['val_accuracy']:.4f} "
-        f"(all-negative {metrics['val_accuracy_baseline']:.4f})  "
-        f"AUC any {metrics['val_auc_any']:.4f}  log loss {metrics['val_log_loss']:.4f}")
+    log.info(f"step {step:>6}/{training.steps}  val accuracy {metrics['val_accuracy']:.4f} "
+             f"(all-negative {metrics['val_accuracy_baseline']:.4f})  "
+             f"AUC any {metrics['val_auc_any']:.4f}  log loss {metrics['val_log_loss']:.4f}")
     if writer:
         for key, value in metrics.items():
             if key.startswith("val_") and math.isfinite(value):
@@ -258,19 +261,19 @@ def save_step(training: Training, out_dir: Path, step: int, history: list[dict],
 
 
 def _train(cfg: ExperimentConfig, cache_path: Path, out_dir: Path, report: Report | None,
-           resume_from: Path | None, threads: int | None, log, tensorboard_dir: Path | None) -> Outcome:
-    training = set_up(cfg, cache_path, threads, warm_start=resume_from is None, log=log)
-    start, history = training.resume(resume_from, log) if resume_from else (0, [])
+           resume_from: Path | None, threads: int | None, tensorboard_dir: Path | None) -> Outcome:
+    training = set_up(cfg, cache_path, threads, warm_start=resume_from is None)
+    start, history = training.resume(resume_from) if resume_from else (0, [])
     writer = _tensorboard(tensorboard_dir or out_dir, cfg.logging.tensorboard)
     training.model.train()
     window, metrics, kept = LossWindow(), (history[-1] if history else {}), None
     for step in range(start + 1, training.steps + 1):
         window.add(train_step(training, step))
         if step % cfg.logging.print_interval == 0 or step == training.steps:
-            window.print(training, step, writer, log)
+            window.print(training, step, writer)
         if step % cfg.train.val_interval and step != training.steps:
             continue
-        metrics, probs, labels = validate(training, step, writer, log)
+        metrics, probs, labels = validate(training, step, writer)
         history.append(metrics)
         folder = save_step(training, out_dir, step, history, probs, labels, writer)
         if report is not None:
