@@ -26,6 +26,7 @@ import os
 import time
 from pathlib import Path
 
+from ich_tune.bench.train import loop_step
 from ich_tune.errors import UserError
 from ich_tune.tracking import client as tracking
 from ich_tune.trials import STOPPED_EARLY, best_of
@@ -290,26 +291,14 @@ def measure_step_time(search, steps: int = 10, budget_s: float = 20.0) -> tuple[
     import torch
 
     from ich_tune.data.context import input_channels
-    from ich_tune.models import build_model
-    from ich_tune.training.device import place
-    from ich_tune.training.optim import make_loss, make_optimizer
-    from ich_tune.training.step import optimizer_step
 
     config = search.trial_experiment(search.first_values)
-    placement = place(config.train)
+    placement, train_step = loop_step(config)
     size, batch = config.data.size, config.train.batch_size
-    model = placement.model(build_model(config.model, in_channels=input_channels(config.data)))
     images = placement.images(torch.rand(batch, input_channels(config.data), size, size))
-    labels = torch.zeros(batch, config.model.num_classes, device=placement.device)
-    loss_fn = make_loss(config.loss.objective)
-    optimizer = make_optimizer(config.optimizer, model.parameters())
-    scaler = placement.grad_scaler()
-    model.train()
 
     def step() -> None:
-        loss = optimizer_step(model, loss_fn, optimizer, placement, scaler, images, labels,
-                              config.optimizer.grad_clip)
-        loss.item()  # waits for the GPU
+        train_step(images).item()  # waits for the GPU
 
     step()
     start, done = time.perf_counter(), 0

@@ -14,7 +14,14 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from ich_tune.training.device import Placement
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,33 +106,47 @@ def bare_loop_rate(config, cache: Path, steps: int) -> float:
     """Steps/s of the loop's optimizer step on one batch already in memory."""
     # loaded when the bench runs, not when the CLI builds its parser (see ich_tune.bench)
     import numpy as np
-    import torch
 
     from ich_tune.data.cache import open_cache
-    from ich_tune.data.context import input_channels, with_context
+    from ich_tune.data.context import with_context
     from ich_tune.data.loader import gather, to_float
+
+    stacked = with_context(open_cache(cache), config.data.context)  # the batch training would see
+    placement, step = loop_step(config)
+    batch = placement.images(gather(stacked, np.arange(config.train.batch_size))[0])
+    for index in range(steps + 10):
+        if index == 10:
+            start = time.perf_counter()
+        step(to_float(batch)).item()
+    return steps / (time.perf_counter() - start)
+
+
+def loop_step(config) -> tuple[Placement, Callable[[torch.Tensor], torch.Tensor]]:
+    """Where images go, and the training loop's optimizer step for `config` (its model, fresh, loss,
+    optimizer, precision and gradient clipping) as a function of a batch of train.batch_size images
+    on the device, all labelled negative, that returns the loss."""
+    # loaded when the bench runs, not when the CLI builds its parser (see ich_tune.bench)
+    import torch
+
+    from ich_tune.data.context import input_channels
     from ich_tune.models import build_model
     from ich_tune.training.device import place
     from ich_tune.training.optim import make_loss, make_optimizer
     from ich_tune.training.step import optimizer_step
 
-    stacked = with_context(open_cache(cache), config.data.context)  # the batch training would see
     placement = place(config.train)
-    batch, _ = gather(stacked, np.arange(config.train.batch_size))
-    batch = placement.images(batch)
-    labels = torch.zeros(config.train.batch_size, config.model.num_classes, device=placement.device)
     model = placement.model(build_model(config.model, in_channels=input_channels(config.data)))
     loss_fn = make_loss(config.loss.objective)
     optimizer = make_optimizer(config.optimizer, model.parameters())
     scaler = placement.grad_scaler()
+    labels = torch.zeros(config.train.batch_size, config.model.num_classes, device=placement.device)
     model.train()
-    for step in range(steps + 10):
-        if step == 10:
-            start = time.perf_counter()
-        loss = optimizer_step(model, loss_fn, optimizer, placement, scaler, to_float(batch), labels,
+
+    def step(images: torch.Tensor) -> torch.Tensor:
+        return optimizer_step(model, loss_fn, optimizer, placement, scaler, images, labels,
                               config.optimizer.grad_clip)
-        loss.item()
-    return steps / (time.perf_counter() - start)
+
+    return placement, step
 
 
 def gpu_table() -> list[dict]:
