@@ -15,9 +15,13 @@ from pathlib import Path
 import yaml
 
 from ich_tune.bench import BENCHMARKS
+from ich_tune.config.loader import load_tree
+from ich_tune.config.markers import substitute
 from ich_tune.config.schema import SyntheticConfig
 from ich_tune.errors import Interrupted, UserError
 from ich_tune.logs import to_stdout
+from ich_tune.tracking.client import ui_hint
+from ich_tune.trials import COMPLETED, checkpoint_uri, table
 
 
 def _add_config_args(parser: argparse.ArgumentParser, what: str) -> None:
@@ -27,8 +31,7 @@ def _add_config_args(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def cmd_show_config(args: argparse.Namespace) -> int:
-    from ich_tune.config.loader import load_tree
-    from ich_tune.config.markers import substitute
+    # loaded by this verb only: the CLI starts without torch, Ray or MLflow
     from ich_tune.experiment import load_experiment, load_search
 
     tree, _ = load_tree(args.file)
@@ -68,6 +71,7 @@ def _add_rescan(parser: argparse.ArgumentParser) -> None:
 
 def _experiment(args: argparse.Namespace):
     """The experiment file with --set and --data-root applied."""
+    # loaded by the verbs that read an experiment only: the CLI starts without torch, Ray or MLflow
     from ich_tune.experiment import load_experiment
 
     overrides = list(args.overrides)
@@ -77,8 +81,10 @@ def _experiment(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    # loaded by this verb only: the CLI starts without torch, Ray or MLflow
     from ich_tune.data.prepare import prepare_cache
     from ich_tune.evaluation.metrics import format_metrics
+    from ich_tune.tracking.references import resolve_weights
     from ich_tune.training.checkpoint import save_checkpoint
     from ich_tune.training.loop import train
 
@@ -86,8 +92,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = args.out or Path("runs/train") / f"{args.file.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
     if config.model.init_from:  # an MLflow run or search is fetched to a file once, here
-        from ich_tune.tracking.references import resolve_weights
-
         config.model.init_from = str(resolve_weights(config.model.init_from, None, out / "init")[0])
     (out / "config.yaml").write_text(_yaml(dataclasses.asdict(config)))
     started = time.perf_counter()
@@ -102,6 +106,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
+    # loaded by this verb only: the CLI starts without torch, Ray or MLflow
     from ich_tune.data.cache import open_cache
     from ich_tune.data.prepare import prepare_cache
 
@@ -116,6 +121,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
+    # loaded by this verb only: the CLI starts without torch, Ray or MLflow
     from ich_tune.data.synthetic import generate
 
     summary = generate(args.out, studies=args.studies, slices=args.slices, size=args.size,
@@ -125,12 +131,11 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # loaded by this verb only: the CLI starts without torch, Ray or MLflow
     from ich_tune.experiment import load_search
     from ich_tune.search.driver import run_search
     from ich_tune.search.options import RunOptions
     from ich_tune.search.storage import name_of
-    from ich_tune.tracking.client import ui_hint
-    from ich_tune.trials import COMPLETED, checkpoint_uri, table
 
     storage = [f"storage={json.dumps(args.storage)}"] if args.storage else []
     search = load_search(args.file, [*args.overrides, *storage])
@@ -171,6 +176,7 @@ def _resume_command(args: argparse.Namespace, run_name: str) -> str:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    # loaded by this verb only: the CLI starts without torch, Ray or MLflow
     from ich_tune.predict import predict_dicom, save_predictions
     from ich_tune.tracking.references import load_trained
 
@@ -188,6 +194,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    # loaded by this verb only: the CLI starts without torch, Ray or MLflow
     from ich_tune.evaluation.metrics import format_metrics
     from ich_tune.predict import evaluate_split
     from ich_tune.tracking.references import load_trained
@@ -203,6 +210,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    # loaded by this verb only: the CLI starts without torch, Ray or MLflow
     from ich_tune.tracking.report import search_report
 
     print(search_report(args.name, args.sort, args.tracking_uri, args.run))

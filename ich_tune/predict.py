@@ -37,7 +37,7 @@ from ich_tune.errors import DataError, UserError
 from ich_tune.evaluation.metrics import compute_metrics
 from ich_tune.progress import Progress
 from ich_tune.training.device import place
-from ich_tune.training.loop import predict_batches
+from ich_tune.training.inference import predict_batches
 
 SUBMISSION_CLIP = 1e-6  # competition practice: a confident mistake must not cost an infinite log loss
 SPLITS = ("val", "all")

@@ -48,7 +48,7 @@ def test_a_new_family_is_one_file_plus_a_config(tiny_family, tiny_rsna, tmp_path
     del tree["model"]["hidden_dims"], tree["model"]["dropout"]  # the ResNet's arguments, not TinyNet's
     config = build_experiment(tree, {})
     assert type(config.model).__name__ == "TinyConfig" and config.model.width == 3
-    outcome = train(config, prepare_cache(config.data), tmp_path / "out", log=lambda *_: None)
+    outcome = train(config, prepare_cache(config.data), tmp_path / "out")
     assert isinstance(outcome.model, tiny_family)
 
     save_checkpoint(tmp_path / "weights.pt", config, outcome.model)

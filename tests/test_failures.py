@@ -202,7 +202,7 @@ def test_out_of_memory_names_the_sizes_and_what_to_lower(tiny_config, tmp_path):
 
     config = tiny_config(model={"hidden_dims": [2**50, 8]})  # a first layer no allocator can hold
     with pytest.raises(OutOfMemory) as caught:
-        train(config, prepare_cache(config.data), tmp_path / "out", log=lambda *_: None)
+        train(config, prepare_cache(config.data), tmp_path / "out")
     message = str(caught.value)
     assert message.startswith("out of memory: batch size 4, input 3x32x32, no GPU share set.")
     assert "Lower train.batch_size" in message and "resources.gpu" in message

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ich_tune.config.schema import OptimizerConfig, ScheduleConfig
-from ich_tune.training.optim import make_loss, make_optimizer, make_scheduler
+from ich_tune.training.optim import make_loss, make_lr_schedule, make_optimizer
 
 LOGITS = torch.tensor([[0.0, 2.0, -1.0, 0.5, -3.0, 1.0],
                        [1.0, -2.0, 0.0, 0.0, 3.0, -0.5]])
@@ -74,16 +74,16 @@ def test_optimizer_hyperparameters(name, cls):
 
 def schedule(decay: str, warmup: int, total: int, lr: float = 0.1):
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
-    return optimizer, make_scheduler(optimizer, ScheduleConfig(warmup, decay), total)
+    return optimizer, make_lr_schedule(optimizer, ScheduleConfig(warmup, decay), total)
 
 
-def lrs(optimizer, scheduler, steps: int) -> list[float]:
+def lrs(optimizer, lr_schedule, steps: int) -> list[float]:
     """The lr each of the next `steps` optimizer steps uses."""
     seen = []
     for _ in range(steps):
         seen.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
-        scheduler.step()
+        lr_schedule.step()
     return seen
 
 
@@ -114,15 +114,15 @@ def test_no_warmup_starts_at_full_lr():
 
 
 def test_schedule_resumes_from_state_dict():
-    optimizer, scheduler = schedule("cosine", warmup=3, total=20)
-    lrs(optimizer, scheduler, 7)
-    saved = optimizer.state_dict(), scheduler.state_dict()
-    expected = lrs(optimizer, scheduler, 13)
+    optimizer, lr_schedule = schedule("cosine", warmup=3, total=20)
+    lrs(optimizer, lr_schedule, 7)
+    saved = optimizer.state_dict(), lr_schedule.state_dict()
+    expected = lrs(optimizer, lr_schedule, 13)
 
-    resumed_optimizer, resumed_scheduler = schedule("cosine", warmup=3, total=20)
+    resumed_optimizer, resumed_lr_schedule = schedule("cosine", warmup=3, total=20)
     resumed_optimizer.load_state_dict(saved[0])
-    resumed_scheduler.load_state_dict(saved[1])
-    assert lrs(resumed_optimizer, resumed_scheduler, 13) == pytest.approx(expected)
+    resumed_lr_schedule.load_state_dict(saved[1])
+    assert lrs(resumed_optimizer, resumed_lr_schedule, 13) == pytest.approx(expected)
 
 
 def test_schedule_rejects_bad_settings():

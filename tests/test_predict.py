@@ -36,7 +36,8 @@ from ich_tune.predict import (
 )
 from ich_tune.tracking.references import load_trained
 from ich_tune.training.device import place
-from ich_tune.training.loop import predict_batches, train
+from ich_tune.training.inference import predict_batches
+from ich_tune.training.loop import train
 from tests.conftest import tiny_tree
 from tests.test_weights import save_trained
 
@@ -183,8 +184,7 @@ def trained_context(tiny_rsna, tmp_path_factory):
     """A model trained for a few steps with data.context 1, on the cache `trained` uses: (outcome, config)."""
     config = build_experiment(tiny_tree(tiny_rsna, tiny_rsna.parent / "cache-for-weights",
                                         data={"context": 1}), {})
-    outcome = train(config, prepare_cache(config.data, log=quiet), tmp_path_factory.mktemp("context"),
-                    log=quiet)
+    outcome = train(config, prepare_cache(config.data, log=quiet), tmp_path_factory.mktemp("context"))
     return outcome, config
 
 

@@ -31,7 +31,7 @@ def test_validates_on_schedule_and_reports_stable_metric_names(tiny_config, tmp_
     config = tiny_config(train={"max_steps": 7, "val_interval": 3})
     reports = []
     outcome = train(config, prepare_cache(config.data), tmp_path / "out",
-                    report=collect_reports(reports, tmp_path / "kept"), log=lambda *_: None)
+                    report=collect_reports(reports, tmp_path / "kept"))
     assert [m["step"] for m, _ in reports] == [3, 6, 7]  # every val_interval, and at the end
     assert all(c is not None and (c / CHECKPOINT_FILE).is_file() for _, c in reports)
     metrics = reports[-1][0]
@@ -47,12 +47,11 @@ def test_validates_on_schedule_and_reports_stable_metric_names(tiny_config, tmp_
 def test_resumed_run_continues_exactly(tiny_config, tmp_path):
     config = tiny_config(train={"max_steps": 6, "val_interval": 3}, data={"augment": True})
     cache = prepare_cache(config.data)
-    straight = train(config, cache, tmp_path / "a", log=lambda *_: None)
+    straight = train(config, cache, tmp_path / "a")
     reports = []
-    train(config, cache, tmp_path / "b", report=collect_reports(reports, tmp_path / "kept"),
-          log=lambda *_: None)
+    train(config, cache, tmp_path / "b", report=collect_reports(reports, tmp_path / "kept"))
     halfway = reports[0][1]  # the checkpoint at step 3
-    resumed = train(config, cache, tmp_path / "c", resume_from=halfway, log=lambda *_: None)
+    resumed = train(config, cache, tmp_path / "c", resume_from=halfway)
     assert resumed.steps == 6 and [h["step"] for h in resumed.history] == [3, 6]
     for name, tensor in straight.model.state_dict().items():
         assert torch.equal(tensor, resumed.model.state_dict()[name]), name
@@ -61,7 +60,7 @@ def test_resumed_run_continues_exactly(tiny_config, tmp_path):
 
 def test_a_local_run_keeps_only_its_latest_checkpoint(tiny_config, tmp_path):
     config = tiny_config(train={"max_steps": 6, "val_interval": 2})
-    train(config, prepare_cache(config.data), tmp_path / "out", log=lambda *_: None)
+    train(config, prepare_cache(config.data), tmp_path / "out")
     assert [p.name for p in (tmp_path / "out").glob("checkpoint_*")] == ["checkpoint_0000006"]
 
 
@@ -69,20 +68,19 @@ def test_diverging_loss_stops_with_a_clear_message(tiny_config, tmp_path):
     config = tiny_config(optimizer={"name": "sgd", "lr": 1e30, "momentum": 0.0},
                          schedule={"warmup_steps": 0}, train={"max_steps": 20})
     with pytest.raises(LossNotFinite, match=r"step \d+: the training loss is (nan|inf).*Lower optimizer.lr"):
-        train(config, prepare_cache(config.data), tmp_path / "out", log=lambda *_: None)
+        train(config, prepare_cache(config.data), tmp_path / "out")
 
 
-def test_init_from_loads_weights_trained_at_another_resolution(tiny_config, tmp_path):
+def test_init_from_loads_weights_trained_at_another_resolution(tiny_config, tmp_path, said):
     low = tiny_config(data={"lod": 1})  # 32x32
-    trained = train(low, prepare_cache(low.data), tmp_path / "low", log=lambda *_: None)
+    trained = train(low, prepare_cache(low.data), tmp_path / "low")
     weights = tmp_path / "low.pt"
     torch.save(trained.model.state_dict(), weights)
     high = tiny_config(data={"lod": 0}, model={"init_from": str(weights)}, train={"max_steps": 1})
-    lines = []
     # a learning rate of zero leaves the loaded weights untouched through one step
     high.optimizer.lr = 0.0
-    started = train(high, prepare_cache(high.data), tmp_path / "high", log=lines.append)
-    assert any("tensors loaded from" in line for line in lines)
+    started = train(high, prepare_cache(high.data), tmp_path / "high")
+    assert any("tensors loaded from" in line for line in said)
     for name, tensor in trained.model.state_dict().items():
         if "running" in name or "num_batches" in name:
             continue  # BatchNorm statistics move in training mode even at lr 0
@@ -118,8 +116,7 @@ def test_hparams_name_the_values_and_the_scalars_training_writes(tiny_config, tm
 
     config = tiny_config(logging={"tensorboard": True})
     write_hparams(tmp_path / "tb", {"optimizer.lr": 0.003, "model.hidden_dims": [8, 16]})
-    train(config, prepare_cache(config.data), tmp_path / "out", tensorboard_dir=tmp_path / "tb",
-          log=lambda *_: None)
+    train(config, prepare_cache(config.data), tmp_path / "out", tensorboard_dir=tmp_path / "tb")
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     content = events.PluginTagToContent("hparams")

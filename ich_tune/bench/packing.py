@@ -12,6 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ich_tune.bench.train import halfres_steps
 from ich_tune.errors import UserError
 
 
@@ -22,39 +23,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def train_share(fraction: float, steps: int) -> dict:
-    """One trial's share: the bare halfres loop under a CUDA memory cap of `fraction`."""
-    import time
-
+    """One trial's share: the halfres loop of `bench train` under a CUDA memory cap of `fraction`."""
+    # loaded when the bench runs, not when the CLI builds its parser (see ich_tune.bench)
     import torch
 
-    from ich_tune.models.resnet import ResNetClassifier2d
-    from ich_tune.training.optim import make_loss
-
     torch.cuda.set_per_process_memory_fraction(fraction)
-    model = ResNetClassifier2d(1, hidden_dims=(256, 192, 128, 64), dropout=0.15).cuda()
-    model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    loss_fn = make_loss("mse")
-    x = torch.randn(12, 1, 256, 256, device="cuda").contiguous(memory_format=torch.channels_last)
-    y = torch.zeros(12, 6, device="cuda")
     try:
-        for step in range(steps + 10):
-            if step == 10:
-                torch.cuda.synchronize()
-                start = time.time()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = loss_fn(model(x).float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        torch.cuda.synchronize()
+        start, end = halfres_steps(256, 12, torch.bfloat16, steps)
     except torch.OutOfMemoryError:
         return {"oom": True}
-    return {"oom": False, "start": start, "end": time.time(), "samples": steps * 12,
+    return {"oom": False, "start": start, "end": end, "samples": steps * 12,
             "peak_mib": torch.cuda.max_memory_allocated() / 2**20}
 
 
 def run(args: argparse.Namespace) -> int:
+    # loaded when the bench runs, not when the CLI builds its parser (see ich_tune.bench)
     import ray
     import torch
 

@@ -26,7 +26,10 @@ import os
 import time
 from pathlib import Path
 
+from ich_tune.bench.train import loop_step
 from ich_tune.errors import UserError
+from ich_tune.tracking import client as tracking
+from ich_tune.trials import STOPPED_EARLY, best_of
 
 VARIANTS = {  # name: (what it is, --set overrides); tpe-asha's markers are added per space
     "grid": ("full grid, FIFO (reference)", ["scheduler.name=fifo", "search_alg.name=grid"]),
@@ -93,6 +96,7 @@ def variant_overrides(name: str, search) -> list[str]:
 
 def compare(args: argparse.Namespace, names: list[str]) -> dict:
     """Run every variant; figures per variant, and the grid's as the reference."""
+    # loaded when the bench runs, not when the CLI builds its parser (see ich_tune.bench)
     from ich_tune.experiment import load_search
     from ich_tune.search.driver import run_search
     from ich_tune.search.options import RunOptions
@@ -120,14 +124,12 @@ def compare(args: argparse.Namespace, names: list[str]) -> dict:
 def measure(outcome, search) -> dict:
     """Steps, the best trial's metrics at its best validation, busy and wall time, and the curve of
     best-so-far against steps spent (validations of all trials in the order they happened)."""
+    # loaded when the bench runs, not when the CLI builds its parser (see ich_tune.bench)
     import ray
     from mlflow.tracking import MlflowClient
 
-    from ich_tune.tracking.client import child_runs
-    from ich_tune.trials import STOPPED_EARLY, best_of
-
     config = search.config
-    children = child_runs(MlflowClient(outcome.tracking_uri), outcome.parent_run_id)
+    children = tracking.child_runs(MlflowClient(outcome.tracking_uri), outcome.parent_run_id)
     spans = [(c.info.start_time / 1000, c.info.end_time / 1000) for c in children if c.info.end_time]
     cpus = ray.cluster_resources().get("CPU", 1)
     concurrency = min(config.max_concurrent_trials or len(spans),
@@ -186,10 +188,10 @@ def print_table(figures: dict, names: list[str]) -> None:
 def log_to_mlflow(figures: dict, names: list[str], args: argparse.Namespace) -> None:
     """A run in MLflow experiment 'bench-search' with every figure and the best-so-far plot (also
     written beside the search runs on disk)."""
+    # loaded when the bench runs, not when the CLI builds its parser (see ich_tune.bench)
     from mlflow.tracking import MlflowClient
 
     from ich_tune.evaluation import plots
-    from ich_tune.tracking import client as tracking
 
     storage = args.storage.resolve()
     uri = tracking.default_tracking_uri(storage)
@@ -215,6 +217,7 @@ def log_to_mlflow(figures: dict, names: list[str], args: argparse.Namespace) -> 
 
 def estimate(args: argparse.Namespace) -> int:
     """The original's cost of a search beside ours, before running it."""
+    # loaded when the bench runs, not when the CLI builds its parser (see ich_tune.bench)
     from ich_tune.experiment import load_search
 
     for flag, value in (("--step-time", args.step_time), ("--packing", args.packing)):
@@ -283,31 +286,20 @@ def _read_json(path: Path) -> dict:
 
 def measure_step_time(search, steps: int = 10, budget_s: float = 20.0) -> tuple[float, str, str]:
     """Seconds per training step of the search's first trial on random input of its shape: the bare
-    loop of `bench train` (model, loss, optimizer, placement), without its data. After one warm-up
+    loop of `bench train` (the loop's optimizer step), without its data. After one warm-up
     step, `steps` steps or as many as fit in `budget_s` (a halfres step takes half a minute on a CPU)."""
+    # loaded when the bench runs, not when the CLI builds its parser (see ich_tune.bench)
     import torch
 
     from ich_tune.data.context import input_channels
-    from ich_tune.models import build_model
-    from ich_tune.training.device import place
-    from ich_tune.training.optim import make_loss, make_optimizer
 
     config = search.trial_experiment(search.first_values)
-    placement = place(config.train)
+    placement, train_step = loop_step(config)
     size, batch = config.data.size, config.train.batch_size
-    model = placement.model(build_model(config.model, in_channels=input_channels(config.data)))
     images = placement.images(torch.rand(batch, input_channels(config.data), size, size))
-    labels = torch.zeros(batch, config.model.num_classes, device=placement.device)
-    loss_fn = make_loss(config.loss.objective)
-    optimizer = make_optimizer(config.optimizer, model.parameters())
-    model.train()
+
     def step() -> None:
-        with placement.autocast():
-            loss = loss_fn(model(images).float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss.item()  # waits for the GPU
+        train_step(images).item()  # waits for the GPU
 
     step()
     start, done = time.perf_counter(), 0

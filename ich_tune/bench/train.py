@@ -1,6 +1,6 @@
 """Steps/s of the real training loop against a bare loop of the same model (and GPU throughput).
 
-The real loop is `ich_tune.train.train` itself, unchanged: it gathers batches from the memory-mapped
+The real loop is `ich_tune.training.loop.train` itself, unchanged: it gathers batches from the memory-mapped
 cache, steps the schedule and logs. It is timed between two of its own progress lines, so set-up and
 the final validation stay outside the measurement. The bare loop runs the same model, loss and
 optimizer on one batch of tensors held in memory: what the loop would cost with free data.
@@ -10,9 +10,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from ich_tune.training.device import Placement
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,8 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # loaded when the bench runs, not when the CLI builds its parser (see ich_tune.bench)
     import torch
 
+    from ich_tune.data.cache import open_cache
     from ich_tune.data.prepare import prepare_cache
     from ich_tune.experiment import load_experiment
 
@@ -46,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
         "machine": f"{os.cpu_count()} CPU cores, {threads} torch threads"
                    + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
         "experiment": str(args.experiment), "batch_size": config.train.batch_size,
-        "input": list(cache_shape(cache)), "real_steps_per_s": max(real), "bare_steps_per_s": max(bare),
+        "input": list(open_cache(cache).images.shape[1:]), "real_steps_per_s": max(real),
+        "bare_steps_per_s": max(bare),
         "ratio": max(real) / max(bare), "target_ratio": 0.95,
     }
     print(f"bench train: {figures['experiment']}, batch {figures['batch_size']}, input {figures['input']}, "
@@ -66,93 +78,120 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def cache_shape(cache_path: Path) -> tuple[int, ...]:
-    from ich_tune.data.cache import open_cache
-
-    return open_cache(cache_path).images.shape[1:]
-
-
 def real_loop_rate(config, cache: Path, warmup: int) -> float:
     """Steps/s of `train` between its progress lines at step `warmup` and at the last step."""
-    import tempfile
-
-    from ich_tune.training.loop import train
+    # loaded when the bench runs, not when the CLI builds its parser (see ich_tune.bench)
+    from ich_tune.training import loop
 
     stamps: dict[int, float] = {}
 
-    def log(line: str) -> None:
+    def stamp(record: logging.LogRecord) -> bool:
+        """Times each progress line, and keeps the loop's lines from printing between the figures."""
+        line = record.getMessage()
         if line.startswith("step") and " loss " in line:
             stamps[int(line.split()[1].split("/")[0])] = time.perf_counter()
+        return False
 
-    with tempfile.TemporaryDirectory() as out:
-        train(config, cache, Path(out), log=log)
+    loop.log.addFilter(stamp)
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            loop.train(config, cache, Path(out))
+    finally:
+        loop.log.removeFilter(stamp)
     last = max(stamps)
     return (last - warmup) / (stamps[last] - stamps[warmup])
 
 
 def bare_loop_rate(config, cache: Path, steps: int) -> float:
-    """Steps/s of forward, backward and optimizer step on one batch already in memory."""
+    """Steps/s of the loop's optimizer step on one batch already in memory."""
+    # loaded when the bench runs, not when the CLI builds its parser (see ich_tune.bench)
     import numpy as np
-    import torch
 
     from ich_tune.data.cache import open_cache
-    from ich_tune.data.context import input_channels, with_context
+    from ich_tune.data.context import with_context
     from ich_tune.data.loader import gather, to_float
-    from ich_tune.models import build_model
-    from ich_tune.training.optim import make_loss, make_optimizer
 
     stacked = with_context(open_cache(cache), config.data.context)  # the batch training would see
-    batch, _ = gather(stacked, np.arange(config.train.batch_size))
-    labels = torch.zeros(config.train.batch_size, config.model.num_classes)
-    model = build_model(config.model, in_channels=input_channels(config.data))
+    placement, step = loop_step(config)
+    batch = placement.images(gather(stacked, np.arange(config.train.batch_size))[0])
+    for index in range(steps + 10):
+        if index == 10:
+            start = time.perf_counter()
+        step(to_float(batch)).item()
+    return steps / (time.perf_counter() - start)
+
+
+def loop_step(config) -> tuple[Placement, Callable[[torch.Tensor], torch.Tensor]]:
+    """Where images go, and the training loop's optimizer step for `config` (its model, fresh, loss,
+    optimizer, precision and gradient clipping) as a function of a batch of train.batch_size images
+    on the device, all labelled negative, that returns the loss."""
+    # loaded when the bench runs, not when the CLI builds its parser (see ich_tune.bench)
+    import torch
+
+    from ich_tune.data.context import input_channels
+    from ich_tune.models import build_model
+    from ich_tune.training.device import place
+    from ich_tune.training.optim import make_loss, make_optimizer
+    from ich_tune.training.step import optimizer_step
+
+    placement = place(config.train)
+    model = placement.model(build_model(config.model, in_channels=input_channels(config.data)))
     loss_fn = make_loss(config.loss.objective)
     optimizer = make_optimizer(config.optimizer, model.parameters())
+    scaler = placement.grad_scaler()
+    labels = torch.zeros(config.train.batch_size, config.model.num_classes, device=placement.device)
     model.train()
-    for step in range(steps + 10):
-        if step == 10:
-            start = time.perf_counter()
-        loss = loss_fn(model(to_float(batch)), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss.item()
-    return steps / (time.perf_counter() - start)
+
+    def step(images: torch.Tensor) -> torch.Tensor:
+        return optimizer_step(model, loss_fn, optimizer, placement, scaler, images, labels,
+                              config.optimizer.grad_clip)
+
+    return placement, step
 
 
 def gpu_table() -> list[dict]:
     """Samples/s and peak memory of the halfres model at the original's two input sizes, AMP on/off."""
+    # loaded when the bench runs, not when the CLI builds its parser (see ich_tune.bench)
     import torch
-
-    from ich_tune.models.resnet import ResNetClassifier2d
-    from ich_tune.training.optim import make_loss
 
     rows = []
     print(f"  GPU: {torch.cuda.get_device_name()}, halfres model (hidden_dims 256,192,128,64), MSE, Adam")
     print(f"  {'input':>9} {'batch':>5} {'amp':>5} {'samples/s':>10} {'peak MiB':>9}")
     for size, batch_size in ((256, 12), (512, 4)):
         for amp in (None, torch.bfloat16):
-            model = ResNetClassifier2d(1, hidden_dims=(256, 192, 128, 64), dropout=0.15).cuda()
-            model = model.to(memory_format=torch.channels_last)
-            optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-            loss_fn = make_loss("mse")
-            x = torch.randn(batch_size, 1, size, size, device="cuda").contiguous(
-                memory_format=torch.channels_last)
-            y = torch.zeros(batch_size, 6, device="cuda")
             torch.cuda.reset_peak_memory_stats()
-            for step in range(60):
-                if step == 10:
-                    torch.cuda.synchronize()
-                    start = time.perf_counter()
-                with torch.autocast("cuda", dtype=amp, enabled=amp is not None):
-                    loss = loss_fn(model(x).float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            torch.cuda.synchronize()
-            rate = 50 * batch_size / (time.perf_counter() - start)
+            start, end = halfres_steps(size, batch_size, amp, steps=50)
+            rate = 50 * batch_size / (end - start)
             peak = torch.cuda.max_memory_allocated() / 2**20
             name = "bf16" if amp else "off"
             print(f"  {size:>4}x{size:<4} {batch_size:>5} {name:>5} {rate:>10.1f} {peak:>9.0f}")
             rows.append({"size": size, "batch": batch_size, "amp": name, "samples_per_s": rate,
                          "peak_mib": peak})
     return rows
+
+
+def halfres_steps(size: int, batch_size: int, amp, steps: int, warmup: int = 10) -> tuple[float, float]:
+    """time.time() before and after `steps` optimizer steps (after `warmup` more) of the halfres model
+    on the GPU: random input at size x size, channels-last, autocast to `amp` (None: float32), MSE, Adam.
+    Wall-clock times, so that steps in several processes can be put on one time line."""
+    # loaded when the bench runs, not when the CLI builds its parser (see ich_tune.bench)
+    import torch
+
+    from ich_tune.models.resnet import ResNetClassifier2d
+    from ich_tune.training.device import Placement
+    from ich_tune.training.optim import make_loss
+    from ich_tune.training.step import optimizer_step
+
+    placement = Placement(torch.device("cuda"), amp, channels_last=True)
+    model = placement.model(ResNetClassifier2d(1, hidden_dims=(256, 192, 128, 64), dropout=0.15))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn, scaler = make_loss("mse"), placement.grad_scaler()
+    images = placement.images(torch.randn(batch_size, 1, size, size, device="cuda"))
+    labels = torch.zeros(batch_size, 6, device="cuda")
+    for step in range(warmup + steps):
+        if step == warmup:
+            torch.cuda.synchronize()
+            start = time.time()
+        optimizer_step(model, loss_fn, optimizer, placement, scaler, images, labels)
+    torch.cuda.synchronize()
+    return start, time.time()

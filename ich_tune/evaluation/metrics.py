@@ -67,20 +67,18 @@ def relative_accuracy(accuracy: float, baseline: float) -> float:
 
 
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """ROC AUC as the Mann-Whitney U statistic with average ranks for ties; NaN for one class only.
+    """ROC AUC: the chance that a random positive scores above a random negative, ties counting half.
 
-    Equals the chance that a random positive scores above a random negative, ties counting half.
+    NaN for one class only, without scikit-learn's warning (older releases raise there).
     """
+    # scikit-learn (with SciPy) takes about 1 s to import: only a validation pays it, not `report`,
+    # `predict` or a trial's start
+    from sklearn.metrics import roc_auc_score
+
     n_pos = int(positive.sum())
-    n_neg = positive.size - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if n_pos == 0 or n_pos == positive.size:
         return NAN
-    _, group, group_size = np.unique(scores, return_inverse=True, return_counts=True)
-    group_end = np.cumsum(group_size)  # 1-based rank of the last member of each tie group
-    average_rank = group_end - (group_size - 1) / 2.0
-    rank_sum = average_rank[group][positive].sum()
-    u_statistic = rank_sum - n_pos * (n_pos + 1) / 2.0
-    return float(u_statistic / (n_pos * n_neg))
+    return float(roc_auc_score(positive, scores))
 
 
 def weighted_log_loss(probs: np.ndarray, labels: np.ndarray) -> float:

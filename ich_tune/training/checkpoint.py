@@ -47,7 +47,7 @@ class Checkpoint:
     model: dict | None = None  # {"name": family, **arguments}; None in a plain state dict
     input: dict | None = None  # {"channels", "size", "context", "in_channels"}
     experiment: dict | None = None  # the experiment config as a tree
-    training: dict | None = None  # optimizer, scheduler, sampler, RNG, step, history: for a resume
+    training: dict | None = None  # optimizer, lr schedule, sampler, RNG, step, history: for a resume
 
     def build(self) -> nn.Module:
         """The network this file describes, with its weights loaded."""

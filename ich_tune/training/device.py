@@ -32,6 +32,10 @@ class Placement:
     def autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=self.half, enabled=self.half is not None)
 
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """Loss scaling for fp16, whose small gradients would underflow; a no-op otherwise."""
+        return torch.amp.GradScaler("cuda", enabled=self.half == torch.float16)
+
 
 def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -6,6 +6,7 @@ progress goes to the log. A checkpoint holds everything a resumed run needs to c
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -18,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from tensorboardX import SummaryWriter
+from tensorboardX.summary import hparams
 
 from ich_tune.config.schema import ExperimentConfig
 from ich_tune.data.context import input_channels
@@ -37,8 +40,12 @@ from ich_tune.training.checkpoint import (
     save_checkpoint,
 )
 from ich_tune.training.device import Placement, place
-from ich_tune.training.optim import make_loss, make_optimizer, make_scheduler
+from ich_tune.training.inference import predict_batches
+from ich_tune.training.optim import make_loss, make_lr_schedule, make_optimizer
+from ich_tune.training.step import NonFiniteLoss, optimizer_step
 from ich_tune.trials import DIVERGED, ERROR
+
+log = logging.getLogger(__name__)
 
 HPARAM_METRICS = ("val/accuracy", "val/auc_any", "val/auc_mean", "val/log_loss")  # scalars written below
 Report = Callable[[dict, Path | None], None]  # (metrics, folder holding a checkpoint or None)
@@ -106,12 +113,12 @@ def total_steps(cfg: ExperimentConfig, batches_per_epoch: int) -> int:
 
 
 def train(cfg: ExperimentConfig, cache_path: Path, out_dir: Path, report: Report | None = None,
-          resume_from: Path | None = None, threads: int | None = None, log=print,
+          resume_from: Path | None = None, threads: int | None = None,
           tensorboard_dir: Path | None = None) -> Outcome:
     """Train one model; validate every `train.val_interval` steps and at the end. Running out of memory
     ends it with one message that says what to lower."""
     try:
-        return _train(cfg, cache_path, out_dir, report, resume_from, threads, log, tensorboard_dir)
+        return _train(cfg, cache_path, out_dir, report, resume_from, threads, tensorboard_dir)
     except Exception as err:
         if is_out_of_memory(err):
             raise out_of_memory(cfg) from None
@@ -119,7 +126,7 @@ def train(cfg: ExperimentConfig, cache_path: Path, out_dir: Path, report: Report
 
 
 @dataclass
-class Run:
+class Training:
     """What training changes step by step, and what a checkpoint must hold to continue it exactly."""
 
     cfg: ExperimentConfig
@@ -129,75 +136,69 @@ class Run:
     batches: TrainBatches
     loss_fn: Callable
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    lr_schedule: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     steps: int  # the budget
 
-    def training_state(self, step: int, history: list[dict]) -> dict:
+    def state(self, step: int, history: list[dict]) -> dict:
+        # the learning-rate schedule is saved as "scheduler", the key every checkpoint has had
         return {"step": step, "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "scheduler": self.lr_schedule.state_dict(), "scaler": self.scaler.state_dict(),
                 "sampler": self.batches.state(), "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
                 "history": history}
 
-    def resume(self, folder: Path, log) -> tuple[int, list[dict]]:
+    def resume(self, folder: Path) -> tuple[int, list[dict]]:
         """Model, optimizer, schedule, sampler and RNG as saved in `folder`; the step and history."""
         saved = load_checkpoint(folder / CHECKPOINT_FILE)
         load_state(self.model, saved)
         state = saved.training
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.lr_schedule.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.batches.load_state(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
         if self.placement.device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"])
-        log(f"resumed from {folder} at step {state['step']}")
+        log.info(f"resumed from {folder} at step {state['step']}")
         return state["step"], state["history"]
 
 
-def set_up(cfg: ExperimentConfig, cache_path: Path, threads: int | None, warm_start: bool, log) -> Run:
+def set_up(cfg: ExperimentConfig, cache_path: Path, threads: int | None, warm_start: bool) -> Training:
     """Threads, seeds, device, data, the network (warm-started from model.init_from), optimizer."""
     torch.set_num_threads(cfg.train.threads or threads or len(os.sched_getaffinity(0)))
     seed_everything(cfg.seed, cfg.train.deterministic)
     placement = place(cfg.train)
-    splits = load_splits(cache_path, cfg.data, log)
+    splits = load_splits(cache_path, cfg.data, log.info)
     model = build_model(cfg.model, in_channels=input_channels(cfg.data))
     if cfg.model.init_from and warm_start:
         loaded = load_weights(model, Path(cfg.model.init_from).expanduser())
-        log(f"model: {loaded} tensors loaded from {cfg.model.init_from}")
+        log.info(f"model: {loaded} tensors loaded from {cfg.model.init_from}")
     placement.model(model)
-    log(f"model: {cfg.model.name}, {count_parameters(model):,} parameters, "
-        f"input {input_channels(cfg.data)}x{cfg.data.size}x{cfg.data.size}, device {placement.device}")
+    log.info(f"model: {cfg.model.name}, {count_parameters(model):,} parameters, "
+             f"input {input_channels(cfg.data)}x{cfg.data.size}x{cfg.data.size}, device {placement.device}")
     batches = TrainBatches(splits.cache, splits.train, cfg.train.batch_size, seed=cfg.seed,
                            balanced=cfg.data.balanced, augment=cfg.data.augment)
     steps = total_steps(cfg, batches.batches_per_epoch)
     optimizer = make_optimizer(cfg.optimizer, model.parameters())
-    return Run(cfg, splits, placement, model, batches, make_loss(cfg.loss.objective), optimizer,
-               make_scheduler(optimizer, cfg.schedule, steps),
-               torch.amp.GradScaler("cuda", enabled=placement.half == torch.float16), steps)
+    return Training(cfg, splits, placement, model, batches, make_loss(cfg.loss.objective), optimizer,
+                    make_lr_schedule(optimizer, cfg.schedule, steps),
+                    placement.grad_scaler(), steps)
 
 
-def train_step(run: Run, step: int) -> torch.Tensor:
-    """One optimizer step; the loss stays on the device (no GPU sync every step)."""
-    images, labels = next(run.batches)
-    images = to_float(run.placement.images(images))
-    labels = labels.to(run.placement.device, non_blocking=True)
-    with run.placement.autocast():
-        loss = run.loss_fn(run.model(images).float(), labels)
-    if not torch.isfinite(loss):
-        raise LossNotFinite(f"step {step}: the training loss is {loss.item()}. Lower optimizer.lr "
-                            f"(now {run.cfg.optimizer.lr:g}), set optimizer.grad_clip, or try amp: off.",
-                            step)
-    run.optimizer.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()
-    if run.cfg.optimizer.grad_clip:
-        run.scaler.unscale_(run.optimizer)
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.optimizer.grad_clip)
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
-    run.scheduler.step()
-    return loss.detach()
+def train_step(training: Training, step: int) -> torch.Tensor:
+    """One optimizer step on the next batch; the loss stays on the device (no GPU sync every step)."""
+    images, labels = next(training.batches)
+    images = to_float(training.placement.images(images))
+    labels = labels.to(training.placement.device, non_blocking=True)
+    try:
+        loss = optimizer_step(training.model, training.loss_fn, training.optimizer, training.placement,
+                              training.scaler, images, labels, training.cfg.optimizer.grad_clip)
+    except NonFiniteLoss as err:
+        raise LossNotFinite(f"step {step}: {err}. Lower optimizer.lr (now {training.cfg.optimizer.lr:g}), "
+                            "set optimizer.grad_clip, or try amp: off.", step) from None
+    training.lr_schedule.step()
+    return loss
 
 
 class LossWindow:
@@ -213,10 +214,10 @@ class LossWindow:
         self.total += loss  # a tensor on the device until printed
         self.count += 1
 
-    def print(self, run: Run, step: int, writer, log) -> None:
-        loss, lr = float(self.total) / self.count, run.scheduler.get_last_lr()[0]
-        rate = self.count * run.cfg.train.batch_size / (time.perf_counter() - self.started)
-        log(f"step {step:>6}/{run.steps}  loss {loss:.4f}  lr {lr:.2e}  {rate:,.0f} samples/s")
+    def print(self, training: Training, step: int, writer: SummaryWriter | None) -> None:
+        loss, lr = float(self.total) / self.count, training.lr_schedule.get_last_lr()[0]
+        rate = self.count * training.cfg.train.batch_size / (time.perf_counter() - self.started)
+        log.info(f"step {step:>6}/{training.steps}  loss {loss:.4f}  lr {lr:.2e}  {rate:,.0f} samples/s")
         if writer:
             writer.add_scalar("train/loss", loss, step)
             writer.add_scalar("train/lr", lr, step)
@@ -224,13 +225,14 @@ class LossWindow:
         self.reset()
 
 
-def validate(run: Run, step: int, writer, log) -> tuple[dict, np.ndarray, np.ndarray]:
+def validate(training: Training, step: int, writer: SummaryWriter | None
+             ) -> tuple[dict, np.ndarray, np.ndarray]:
     """Metrics over the validation split (logged, and written to TensorBoard), probabilities, labels."""
-    scores, probs, labels = evaluate(run.model, run.splits, run.cfg, run.placement)
-    metrics = {"step": step, "epoch": step / run.batches.batches_per_epoch, **scores}
-    log(f"step {step:>6}/{run.steps}  val accuracy {metrics['val_accuracy']:.4f} "
-        f"(all-negative {metrics['val_accuracy_baseline']:.4f})  "
-        f"AUC any {metrics['val_auc_any']:.4f}  log loss {metrics['val_log_loss']:.4f}")
+    scores, probs, labels = evaluate(training.model, training.splits, training.cfg, training.placement)
+    metrics = {"step": step, "epoch": step / training.batches.batches_per_epoch, **scores}
+    log.info(f"step {step:>6}/{training.steps}  val accuracy {metrics['val_accuracy']:.4f} "
+             f"(all-negative {metrics['val_accuracy_baseline']:.4f})  "
+             f"AUC any {metrics['val_auc_any']:.4f}  log loss {metrics['val_log_loss']:.4f}")
     if writer:
         for key, value in metrics.items():
             if key.startswith("val_") and math.isfinite(value):
@@ -239,18 +241,19 @@ def validate(run: Run, step: int, writer, log) -> tuple[dict, np.ndarray, np.nda
     return metrics, probs, labels
 
 
-def save_step(run: Run, out_dir: Path, step: int, history: list[dict], probs: np.ndarray,
-              labels: np.ndarray, writer) -> Path:
+def save_step(training: Training, out_dir: Path, step: int, history: list[dict], probs: np.ndarray,
+              labels: np.ndarray, writer: SummaryWriter | None) -> Path:
     """A checkpoint folder: checkpoint.pt, the validation's probabilities and, at the plot interval
     and at the end, the example grid."""
     folder = out_dir / f"checkpoint_{step:07d}"
     folder.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(folder / CHECKPOINT_FILE, run.cfg, run.model, training=run.training_state(step, history))
-    np.savez(folder / VALIDATION_FILE, probs=probs, labels=labels, indices=run.splits.val[:len(probs)])
-    logging = run.cfg.logging
-    if step % logging.plot_interval == 0 or step == run.steps:
-        png = example_grid(run.splits.cache.rows(run.splits.val), labels, probs, logging.plot_examples,
-                           logging.plot_baseline, seed=run.cfg.seed)
+    save_checkpoint(folder / CHECKPOINT_FILE, training.cfg, training.model,
+                    training=training.state(step, history))
+    np.savez(folder / VALIDATION_FILE, probs=probs, labels=labels, indices=training.splits.val[:len(probs)])
+    settings = training.cfg.logging
+    if step % settings.plot_interval == 0 or step == training.steps:
+        png = example_grid(training.splits.cache.rows(training.splits.val), labels, probs,
+                           settings.plot_examples, settings.plot_baseline, seed=training.cfg.seed)
         (folder / EXAMPLES_FILE).write_bytes(png)
         if writer:
             writer.add_image("examples", png_to_array(png), step, dataformats="HWC")
@@ -258,21 +261,21 @@ def save_step(run: Run, out_dir: Path, step: int, history: list[dict], probs: np
 
 
 def _train(cfg: ExperimentConfig, cache_path: Path, out_dir: Path, report: Report | None,
-           resume_from: Path | None, threads: int | None, log, tensorboard_dir: Path | None) -> Outcome:
-    run = set_up(cfg, cache_path, threads, warm_start=resume_from is None, log=log)
-    start, history = run.resume(resume_from, log) if resume_from else (0, [])
+           resume_from: Path | None, threads: int | None, tensorboard_dir: Path | None) -> Outcome:
+    training = set_up(cfg, cache_path, threads, warm_start=resume_from is None)
+    start, history = training.resume(resume_from) if resume_from else (0, [])
     writer = _tensorboard(tensorboard_dir or out_dir, cfg.logging.tensorboard)
-    run.model.train()
+    training.model.train()
     window, metrics, kept = LossWindow(), (history[-1] if history else {}), None
-    for step in range(start + 1, run.steps + 1):
-        window.add(train_step(run, step))
-        if step % cfg.logging.print_interval == 0 or step == run.steps:
-            window.print(run, step, writer, log)
-        if step % cfg.train.val_interval and step != run.steps:
+    for step in range(start + 1, training.steps + 1):
+        window.add(train_step(training, step))
+        if step % cfg.logging.print_interval == 0 or step == training.steps:
+            window.print(training, step, writer)
+        if step % cfg.train.val_interval and step != training.steps:
             continue
-        metrics, probs, labels = validate(run, step, writer, log)
+        metrics, probs, labels = validate(training, step, writer)
         history.append(metrics)
-        folder = save_step(run, out_dir, step, history, probs, labels, writer)
+        folder = save_step(training, out_dir, step, history, probs, labels, writer)
         if report is not None:
             report(metrics, folder)
             _discard(folder)  # the reporter has copied it to its storage
@@ -281,7 +284,7 @@ def _train(cfg: ExperimentConfig, cache_path: Path, out_dir: Path, report: Repor
             kept = folder
     if writer:
         writer.close()
-    return Outcome(steps=run.steps, metrics=metrics, history=history, model=run.model)
+    return Outcome(steps=training.steps, metrics=metrics, history=history, model=training.model)
 
 
 @torch.no_grad()
@@ -293,21 +296,6 @@ def evaluate(model: torch.nn.Module, splits: Splits, cfg: ExperimentConfig, plac
     return {f"val_{k}": float(v) for k, v in compute_metrics(probs, labels).items()}, probs, labels
 
 
-@torch.no_grad()
-def predict_batches(model: torch.nn.Module, batches, placement: Placement) -> tuple[np.ndarray, np.ndarray]:
-    """Sigmoid probabilities and labels over (images, labels) batches, in eval mode."""
-    was_training = model.training
-    model.eval()
-    all_probs, all_labels = [], []
-    for images, labels in batches:
-        images = to_float(placement.images(images))
-        with placement.autocast():
-            all_probs.append(torch.sigmoid(model(images).float()).cpu().numpy())
-        all_labels.append(labels.numpy())
-    model.train(was_training)
-    return np.concatenate(all_probs), np.concatenate(all_labels)
-
-
 def _discard(folder: Path | None) -> None:
     if folder is not None:
         shutil.rmtree(folder, ignore_errors=True)
@@ -316,9 +304,6 @@ def _discard(folder: Path | None) -> None:
 def write_hparams(folder: Path, values: dict[str, Any]) -> None:
     """A trial's searched values for TensorBoard's HParams dashboard. Its metric columns are the
     validation scalars the training loop writes to the same folder, so stopped trials show too."""
-    from tensorboardX import SummaryWriter
-    from tensorboardX.summary import hparams
-
     plain = {k: v if isinstance(v, (bool, str, int, float)) else str(v) for k, v in values.items()}
     experiment, session_start, _ = hparams(plain, dict.fromkeys(HPARAM_METRICS, 0.0))
     with SummaryWriter(str(folder)) as writer:
@@ -326,10 +311,8 @@ def write_hparams(folder: Path, values: dict[str, Any]) -> None:
         writer.file_writer.add_summary(session_start)
 
 
-def _tensorboard(folder: Path, enabled: bool):
+def _tensorboard(folder: Path, enabled: bool) -> SummaryWriter | None:
     if not enabled:
         return None
-    from tensorboardX import SummaryWriter
-
     return SummaryWriter(str(folder), flush_secs=10)
 

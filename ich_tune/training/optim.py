@@ -71,7 +71,7 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, decay: str) -> flo
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_scheduler(
+def make_lr_schedule(
     optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int
 ) -> LambdaLR:
     """Warmup then constant or cosine decay; call `.step()` after every optimizer step.
