@@ -137,8 +137,8 @@ def intervals(values: dict[str, np.ndarray], level: float = LEVEL) -> dict[str, 
 def roc_bands(probs: np.ndarray, labels: np.ndarray, groups: np.ndarray, grid: np.ndarray,
               resamples: int = 200, seed: int = 0, level: float = LEVEL) -> dict[str, np.ndarray]:
     """Per class, the percentile band of the true positive rate at each false positive rate of `grid`
-    over patient-level resamples: {"low": [classes, len(grid)], "high": ...} (NaN for a class that a
-    resample cannot measure)."""
+    over patient-level resamples: {"grid": grid, "low": [classes, len(grid)], "high": ...} (NaN for a
+    class that no resample can measure)."""
     probs, positive = np.asarray(probs, dtype=np.float64), np.asarray(labels) == 1
     codes, counts = patient_counts(groups, resamples, seed)
     tail = 50.0 * (1.0 - level)
@@ -155,4 +155,4 @@ def roc_bands(probs: np.ndarray, labels: np.ndarray, groups: np.ndarray, grid: n
         curves = [np.interp(grid, np.r_[0.0, a / a[-1]], np.r_[0.0, h / h[-1]])
                   for h, a in zip(hits[measurable], alarms[measurable], strict=True)]
         low[k], high[k] = np.percentile(curves, [tail, 100.0 - tail], axis=0)
-    return {"low": low, "high": high}
+    return {"grid": np.asarray(grid), "low": low, "high": high}

@@ -20,6 +20,7 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from ich_tune.data.labels import CLASSES, SHORT_NAMES
+from ich_tune.evaluation.calibration import expected_calibration_error, reliability
 from ich_tune.evaluation.metrics import THRESHOLD, roc_auc
 
 COLUMNS = ("Control", *(name.capitalize() for name in CLASSES))
@@ -202,8 +203,10 @@ def roc_classes(labels: np.ndarray) -> tuple[list[str], dict[str, str]]:
     return drawn, skipped
 
 
-def roc_curves(probs: np.ndarray, labels: np.ndarray) -> bytes:
-    """Per-class ROC curves in one plot, AUC in the legend; classes lacking either outcome noted."""
+def roc_curves(probs: np.ndarray, labels: np.ndarray, bands: dict[str, np.ndarray] | None = None) -> bytes:
+    """Per-class ROC curves in one plot, AUC in the legend; classes lacking either outcome noted.
+
+    `bands` (from bootstrap.roc_bands: "grid", "low", "high") shades each curve's 95% band."""
     probs, positive = np.asarray(probs, dtype=np.float64), np.asarray(labels) == 1
     drawn, skipped = roc_classes(labels)
     fig = Figure(figsize=(6.4, 6.0), dpi=DPI)
@@ -213,12 +216,16 @@ def roc_curves(probs: np.ndarray, labels: np.ndarray) -> bytes:
         k = CLASSES.index(name)
         auc = roc_auc(probs[:, k], positive[:, k])
         fpr, tpr = _roc_points(probs[:, k], positive[:, k])
-        ax.plot(fpr, tpr, linewidth=2.2 if name == "any" else 1.5,
-                color="black" if name == "any" else f"C{k}",
+        colour = "black" if name == "any" else f"C{k}"
+        ax.plot(fpr, tpr, linewidth=2.2 if name == "any" else 1.5, color=colour,
                 label=f"{name}: AUC {auc:.3f} ({int(positive[:, k].sum())} positive)")
+        if bands is not None and not np.isnan(bands["low"][k]).all():
+            ax.fill_between(bands["grid"], bands["low"][k], bands["high"][k], color=colour, alpha=0.12,
+                            linewidth=0)
     ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), aspect="equal",
            xlabel="false positive rate (1 - specificity)", ylabel="true positive rate (sensitivity)")
-    ax.set_title(f"ROC per class, {len(probs)} slices", fontsize=12)
+    shaded = ", shaded: 95% band over patient resamples" if bands is not None else ""
+    ax.set_title(f"ROC per class, {len(probs)} slices{shaded}", fontsize=11 if bands is not None else 12)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=9)
     if skipped:
@@ -236,6 +243,31 @@ def _roc_points(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, n
 
     fpr, tpr, _ = roc_curve(positive, scores, drop_intermediate=False)
     return fpr, tpr
+
+
+def reliability_diagram(probs: np.ndarray, labels: np.ndarray, calibrated: np.ndarray | None = None) -> bytes:
+    """One panel per class: observed rate of bleeds against mean predicted probability in equal-width
+    bins (on the diagonal when calibrated), before and, if given, after temperature scaling."""
+    positive = np.asarray(labels) == 1
+    fig = Figure(figsize=(13.5, 8.4), dpi=DPI)
+    shown = [("model", probs, "C0")]
+    if calibrated is not None:
+        shown.append(("temperature-scaled", calibrated, "C3"))
+    for k, ax in enumerate(fig.subplots(2, 3).ravel()):
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+        for label, values, colour in shown:
+            table = reliability(values[:, k], positive[:, k])
+            filled = table["count"] > 0
+            error = expected_calibration_error(values[:, k], positive[:, k])
+            ax.plot(table["predicted"][filled], table["observed"][filled], marker="o", markersize=3,
+                    color=colour, label=f"{label}: ECE {error:.3f}")
+        ax.set(xlim=(0, 1), ylim=(0, 1), aspect="equal", xlabel="mean predicted probability",
+               ylabel="observed rate")
+        ax.set_title(f"{CLASSES[k]} ({int(positive[:, k].sum())} positive of {len(positive)})", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
 
 
 _BASELINE = {"color": "grey", "linestyle": "--", "marker": ""}
