@@ -30,6 +30,8 @@ def cmd_show_config(args: argparse.Namespace) -> int:
     from ich_tune.config.loader import load_tree
     from ich_tune.config.markers import substitute
     from ich_tune.experiment import load_experiment, load_search
+    from ich_tune.search.storage import local_root, normalize
+    from ich_tune.tracking.client import resolve_stores
 
     tree, _ = load_tree(args.file)
     if "experiment" not in tree:
@@ -57,6 +59,8 @@ def cmd_show_config(args: argparse.Namespace) -> int:
     formula = " x ".join(grids) + " grid points" if grids else "1 grid point"
     print(f"\n# trials: {formula} x {samples} samples = {search.num_trials} trials")
     print(f"# resources per trial: {_resources(search.config.resources)}")
+    local = local_root(normalize(search.config.storage), None)
+    print(f"# {resolve_stores(None, search.config.tracking_uri, local).describe()}")
     return 0
 
 
@@ -128,7 +132,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ich_tune.experiment import load_search
     from ich_tune.search.driver import RunOptions, run_search
     from ich_tune.search.storage import name_of
-    from ich_tune.tracking.client import ui_hint
+    from ich_tune.tracking.client import search_pages
     from ich_tune.trials import COMPLETED, checkpoint_uri, table
 
     storage = [f"storage={json.dumps(args.storage)}"] if args.storage else []
@@ -155,7 +159,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"  checkpoint: {checkpoint_uri(best.checkpoint)}")
     print(f"  MLflow parent run {outcome.parent_run_id}: artifacts best/weights.pt, best/config.yaml, "
           f"trials.csv, model (mlflow.pyfunc.load_model('runs:/{outcome.parent_run_id}/model'))")
-    print(f"  compare trials: {ui_hint(outcome.tracking_uri)}")
+    compare, best_page = search_pages(outcome.tracking_uri, outcome.parent_run_id, best.trial_id)
+    print(f"  compare trials: {compare}")
+    print(f"  best trial's MLflow run: {best_page}")
     return 0 if any(t.status in COMPLETED for t in outcome.trials) else 1
 
 

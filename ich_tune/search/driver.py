@@ -329,7 +329,9 @@ def run_search(search: Search, options: RunOptions, log=print) -> SearchOutcome:
 
 def _run(search: Search, options: RunOptions, run_dir: str, local: Path, log) -> SearchOutcome:
     config = search.config
-    uri = options.tracking_uri or config.tracking_uri or tracking.default_tracking_uri(local)
+    stores = tracking.resolve_stores(options.tracking_uri, config.tracking_uri, local)
+    uri = stores.tracking_uri
+    log(stores.describe())
     experiment = resolve_init_from(absolute_paths(search.experiment, options.data_root), uri,
                                    local / "init_weights" / search.name)
     first = search.trial_experiment(search.first_values, experiment)
@@ -347,7 +349,7 @@ def _run(search: Search, options: RunOptions, run_dir: str, local: Path, log) ->
     data.prepare(resources, log)  # on every node that can run a trial, before any starts
 
     local.mkdir(parents=True, exist_ok=True)
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, stores.registry_uri)
     exp_id = tracking.experiment_id(client, search.name,
                                     None if tracking.is_server(uri) else local / "mlartifacts")
     parent_id = tracking.parent_run(client, exp_id, run_dir, storage.name_of(run_dir), {
