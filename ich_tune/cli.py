@@ -162,6 +162,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     compare, best_page = search_pages(outcome.tracking_uri, outcome.parent_run_id, best.trial_id)
     print(f"  compare trials: {compare}")
     print(f"  best trial's MLflow run: {best_page}")
+    print(f"  {outcome.importance.line()}")
     return 0 if any(t.status in COMPLETED for t in outcome.trials) else 1
 
 

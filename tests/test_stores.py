@@ -102,6 +102,7 @@ def test_mlflow_tracking_uri_alone_names_the_store_of_run_report_and_predict(
         experiment = client.get_experiment_by_name("by-env").experiment_id
         [child] = client.search_runs([experiment], f"tags.`{TAG_PARENT}` LIKE '%'")
         assert f"best trial's MLflow run: {url}/#/experiments/{experiment}/runs/{child.info.run_id}\n" in said
+        assert "what mattered: no searched keys, nothing to rank" in said
         assert reported.startswith("search 'by-env', run ") and child.data.tags[TAG_TRIAL_ID] in reported
         assert f"compare trials: open {url}/#/experiments/{experiment}/runs\n" in reported
 

@@ -41,8 +41,9 @@ from ich_tune.search.cluster import start_ray
 from ich_tune.search.nodes import DataOnNodes, data_variants
 from ich_tune.tracking import client as tracking
 from ich_tune.tracking.callback import MlflowTrials
+from ich_tune.tracking.importance import Importance, what_mattered
 from ich_tune.tracking.publish import log_search_result
-from ich_tune.tracking.references import resolve_weights
+from ich_tune.tracking.references import RESOLVED_ARTIFACT, resolve_weights
 from ich_tune.tracking.tags import TAG_METRIC, TAG_MODE, TAG_SEARCH, TAG_SEARCH_FILE
 from ich_tune.training.loop import TrainingFailed, train, write_hparams
 from ich_tune.trials import (
@@ -308,6 +309,7 @@ class SearchOutcome:
     tracking_uri: str
     trials: list[TrialOutcome]
     best: TrialOutcome | None
+    importance: Importance  # what mattered, over the finished trials
 
 
 def run_search(search: Search, options: RunOptions, log=print) -> SearchOutcome:
@@ -357,7 +359,7 @@ def _run(search: Search, options: RunOptions, run_dir: str, local: Path, log) ->
         TAG_METRIC: config.metric, TAG_MODE: config.mode})
     if not options.resume:
         resolved = {**dataclasses.asdict(config), "experiment": experiment}
-        client.log_text(parent_id, yaml.safe_dump(resolved, sort_keys=False), "search/resolved.yaml")
+        client.log_text(parent_id, yaml.safe_dump(resolved, sort_keys=False), RESOLVED_ARTIFACT)
         client.log_artifact(parent_id, str(search.path), "search")
     log(f"MLflow: parent run {parent_id} in experiment '{search.name}'; compare trials: "
         f"{tracking.ui_hint(uri, exp_id)}")
@@ -412,6 +414,7 @@ def _run(search: Search, options: RunOptions, run_dir: str, local: Path, log) ->
                           f"{run_dir}", stop.signal, run_dir)
     trials = summarize(results, search, budget)
     best = best_of(trials, config.mode)
+    mattered = what_mattered(trials, search.dimensions, config.metric, config.mode)
     # the best trial's own data settings (a searched data.lod or channels may differ from the first
     # trial's) for its plots and the registry's fingerprint; already built where the driver's node ran trials
     cache = prepare_cache(build_experiment(best.config, {}).data, log) if best else None
@@ -420,10 +423,10 @@ def _run(search: Search, options: RunOptions, run_dir: str, local: Path, log) ->
         published = log_search_result(
             client, uri, parent_id, trials, best, Path(folder) if folder else None, cache, config.metric,
             mode=config.mode, registered_model=search.name if config.registered_model is None
-            else config.registered_model)
+            else config.registered_model, importance=mattered)
     for line in published.lines() if published else []:
         log(line)
-    return SearchOutcome(run_dir, parent_id, uri, trials, best)
+    return SearchOutcome(run_dir, parent_id, uri, trials, best, mattered)
 
 
 def summarize(results, search: Search, budget: int) -> list[TrialOutcome]:

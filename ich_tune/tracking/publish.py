@@ -1,5 +1,5 @@
-"""The end of a search in MLflow: the parent run's trials table, the best config, weights, plots and
-metrics, the best model as an MLflow model, and its registered version."""
+"""The end of a search in MLflow: the parent run's trials table, what mattered, the best config,
+weights, plots and metrics, the best model as an MLflow model, and its registered version."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from ich_tune.evaluation.plots import example_grid, roc_curves, training_curves
 from ich_tune.experiment import build_experiment
 from ich_tune.tracking import pyfunc, registry
 from ich_tune.tracking.client import TRACKING_ENV
+from ich_tune.tracking.importance import Importance, log_importance
 from ich_tune.tracking.records import config_params, numeric
 from ich_tune.tracking.tags import TAG_BEST_CHECKPOINT, TAG_BEST_TRIAL, TAG_DESCRIPTION
 from ich_tune.training.checkpoint import CHECKPOINT_FILE, VALIDATION_FILE, load_checkpoint, save_checkpoint
@@ -78,12 +79,14 @@ class Published:
 
 def log_search_result(client: MlflowClient, tracking_uri: str, parent_run_id: str,
                       trials: list[TrialOutcome], best: TrialOutcome | None, best_dir: Path | None,
-                      cache_path: Path | None, metric: str, *, mode: str,
-                      registered_model: str) -> Published | None:
-    """The parent run's end: trials table, best config, its weights, model, plots and metrics; the
-    model as an MLflow model, registered as a version of `registered_model` (none where it is empty).
-    `best_dir` is the best trial's checkpoint as a local folder, `cache_path` the cache of its data."""
+                      cache_path: Path | None, metric: str, *, mode: str, registered_model: str,
+                      importance: Importance) -> Published | None:
+    """The parent run's end: trials table, what mattered, best config, its weights, model, plots and
+    metrics; the model as an MLflow model, registered as a version of `registered_model` (none where it
+    is empty). `best_dir` is the best trial's checkpoint as a local folder, `cache_path` the cache of
+    its data."""
     client.set_tag(parent_run_id, TAG_DESCRIPTION, describe(trials, best, metric))
+    log_importance(client, parent_run_id, importance)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         if trials:
