@@ -20,7 +20,6 @@ from ich_tune.config.markers import substitute
 from ich_tune.config.schema import SyntheticConfig
 from ich_tune.errors import Interrupted, UserError
 from ich_tune.logs import to_stdout
-from ich_tune.tracking.client import ui_hint
 from ich_tune.trials import COMPLETED, checkpoint_uri, table
 
 
@@ -33,6 +32,8 @@ def _add_config_args(parser: argparse.ArgumentParser, what: str) -> None:
 def cmd_show_config(args: argparse.Namespace) -> int:
     # loaded by this verb only: the CLI starts without torch, Ray or MLflow
     from ich_tune.experiment import load_experiment, load_search
+    from ich_tune.search.storage import local_root, normalize
+    from ich_tune.tracking.client import resolve_stores
 
     tree, _ = load_tree(args.file)
     if "experiment" not in tree:
@@ -60,6 +61,8 @@ def cmd_show_config(args: argparse.Namespace) -> int:
     formula = " x ".join(grids) + " grid points" if grids else "1 grid point"
     print(f"\n# trials: {formula} x {samples} samples = {search.num_trials} trials")
     print(f"# resources per trial: {_resources(search.config.resources)}")
+    local = local_root(normalize(search.config.storage), None)
+    print(f"# {resolve_stores(None, search.config.tracking_uri, local).describe()}")
     return 0
 
 
@@ -136,6 +139,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ich_tune.search.driver import run_search
     from ich_tune.search.options import RunOptions
     from ich_tune.search.storage import name_of
+    from ich_tune.tracking.client import search_pages
 
     storage = [f"storage={json.dumps(args.storage)}"] if args.storage else []
     search = load_search(args.file, [*args.overrides, *storage])
@@ -161,7 +165,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"  checkpoint: {checkpoint_uri(best.checkpoint)}")
     print(f"  MLflow parent run {outcome.parent_run_id}: artifacts best/weights.pt, best/config.yaml, "
           f"trials.csv, model (mlflow.pyfunc.load_model('runs:/{outcome.parent_run_id}/model'))")
-    print(f"  compare trials: {ui_hint(outcome.tracking_uri)}")
+    compare, best_page = search_pages(outcome.tracking_uri, outcome.parent_run_id, best.trial_id)
+    print(f"  compare trials: {compare}")
+    print(f"  best trial's MLflow run: {best_page}")
+    print(f"  {outcome.importance.line()}")
     return 0 if any(t.status in COMPLETED for t in outcome.trials) else 1
 
 

@@ -26,6 +26,16 @@ def tiny_rsna(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_mlflow_stores():
+    """Tests name their MLflow stores: a developer's MLFLOW_TRACKING_URI or MLFLOW_REGISTRY_URI would
+    send their searches and reports elsewhere (ich_tune reads both, as MLflow does)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("MLFLOW_TRACKING_URI", raising=False)
+        env.delenv("MLFLOW_REGISTRY_URI", raising=False)
+        yield
+
+
 @contextlib.contextmanager
 def logged_lines() -> Iterator[list[str]]:
     """The lines ich_tune logs for the user inside the block (what the CLI prints)."""

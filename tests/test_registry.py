@@ -81,7 +81,8 @@ def search_into(url: str, folder: Path, tiny_rsna: Path, lr: float) -> Searched:
 def served(ray_cluster, tiny_rsna, tmp_path_factory):
     folder = tmp_path_factory.mktemp("registry")
     before = mlflow.get_tracking_uri()
-    with mlflow_server(folder / "server") as url:
+    with mlflow_server(folder / "server") as url, pytest.MonkeyPatch.context() as env:
+        env.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri exports it; not past here
         first = search_into(url, folder / "first", tiny_rsna, 0.05)
         second = search_into(url, folder / "second", tiny_rsna, 1e-7)
         mlflow.set_tracking_uri(url)

@@ -97,5 +97,5 @@ def test_a_bucket_that_cannot_be_reached_is_one_message(monkeypatch):
 
 
 def test_the_hint_opens_a_server_or_runs_mlflow_ui():
-    assert ui_hint("http://mlflow.lab:5000/", "3") == "open http://mlflow.lab:5000/#/experiments/3"
+    assert ui_hint("http://mlflow.lab:5000/", "3") == "open http://mlflow.lab:5000/#/experiments/3/runs"
     assert ui_hint("sqlite:////data/mlflow.db") == "mlflow ui --backend-store-uri sqlite:////data/mlflow.db"

@@ -1,4 +1,5 @@
-"""Figures for runs: the original's example grid (Figure 1), per-class ROC curves, training curves.
+"""Figures for runs: the original's example grid (Figure 1), per-class ROC curves, training curves,
+what mattered in a search.
 
 Everything draws on a private `Figure` with the Agg canvas, never pyplot's global state, so the
 functions are safe in Ray workers and threads; each returns PNG bytes ready for MLflow or disk.
@@ -325,6 +326,21 @@ def best_so_far(curves: dict[str, tuple[list[float], list[float]]], metric: str,
     ax.set_ylabel(f"best {metric} so far", fontsize=10)
     ax.legend(fontsize=9)
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def importance_bars(shares: dict[str, float], title: str) -> bytes:
+    """One horizontal bar per searched key, its share of the metric's variance, largest on top."""
+    fig = Figure(figsize=(7, 1.2 + 0.45 * len(shares)), dpi=DPI)
+    ax = fig.subplots()
+    keys = list(shares)[::-1]
+    bars = ax.barh(keys, [shares[key] for key in keys], color="C0")
+    ax.bar_label(bars, fmt="%.2f", padding=3, fontsize=9)
+    ax.set_xlim(0, 1.1)
+    ax.set_xlabel("share of the variance (fANOVA)", fontsize=10)
+    ax.set_title(title, fontsize=11)
+    ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return _png(fig)
 

@@ -39,8 +39,9 @@ from ich_tune.search.signals import GracefulStop
 from ich_tune.search.trial import TrialSettings, run_trial
 from ich_tune.tracking import client as tracking
 from ich_tune.tracking.callback import MlflowTrials
+from ich_tune.tracking.importance import Importance, what_mattered
 from ich_tune.tracking.publish import log_search_result
-from ich_tune.tracking.references import resolve_weights
+from ich_tune.tracking.references import RESOLVED_ARTIFACT, resolve_weights
 from ich_tune.tracking.tags import TAG_METRIC, TAG_MODE, TAG_SEARCH, TAG_SEARCH_FILE
 from ich_tune.trials import TrialOutcome, best_of
 
@@ -66,7 +67,9 @@ def run_search(search: Search, options: RunOptions) -> SearchOutcome:
 
 def _run(search: Search, options: RunOptions, run_dir: str, local: Path) -> SearchOutcome:
     """Resolve, check the data, data on every node, MLflow parent run, Tuner, fit, publish."""
-    uri = options.tracking_uri or search.config.tracking_uri or tracking.default_tracking_uri(local)
+    stores = tracking.resolve_stores(options.tracking_uri, search.config.tracking_uri, local)
+    log.info(stores.describe())
+    uri = stores.tracking_uri
     experiment = resolve_experiment(search, options.data_root, uri, local)
     first = search.trial_experiment(search.first_values, experiment)
     budget = first.train.max_steps  # ASHA's max_t; load_search made sure there is one
@@ -76,15 +79,16 @@ def _run(search: Search, options: RunOptions, run_dir: str, local: Path) -> Sear
     resources = start_cluster(search.config, options)
     data = DataOnNodes(variants, options.rescan)
     data.prepare(resources)  # on every node that can run a trial, before any starts
-    parent = ParentRun.open(search, experiment, run_dir, uri, local, options.resume)
+    parent = ParentRun.open(search, experiment, run_dir, stores, local, options.resume)
     say_where_to_look(search, parent, run_dir)
 
     trainable = make_trainable(search, data, resources)
     tuner = make_tuner(search, experiment, run_dir, trainable, parent, budget, options.resume)
     trials = summarize(fit(tuner, parent, run_dir), search, budget)
     best = best_of(trials, search.config.mode)
-    publish(search, parent, trials, best)
-    return SearchOutcome(run_dir, parent.run_id, uri, trials, best)
+    mattered = what_mattered(trials, search.dimensions, search.config.metric, search.config.mode)
+    publish(search, parent, trials, best, mattered)
+    return SearchOutcome(run_dir, parent.run_id, uri, trials, best, mattered)
 
 
 def resolve_experiment(search: Search, data_root: Path | None, tracking_uri: str, local: Path) -> dict:
@@ -134,11 +138,12 @@ class ParentRun:
     run_id: str
 
     @classmethod
-    def open(cls, search: Search, experiment: dict, run_dir: str, uri: str, local: Path,
+    def open(cls, search: Search, experiment: dict, run_dir: str, stores: tracking.Stores, local: Path,
              resume: bool) -> ParentRun:
         """The run of `run_dir`, created unless --resume finds it; a new one records the resolved search."""
         local.mkdir(parents=True, exist_ok=True)
-        client = MlflowClient(uri)
+        uri = stores.tracking_uri
+        client = MlflowClient(uri, stores.registry_uri)
         exp_id = tracking.experiment_id(client, search.name,
                                         None if tracking.is_server(uri) else local / "mlartifacts")
         run_id = tracking.parent_run(client, exp_id, run_dir, storage.name_of(run_dir), {
@@ -146,7 +151,7 @@ class ParentRun:
             TAG_METRIC: search.config.metric, TAG_MODE: search.config.mode})
         if not resume:
             resolved = {**dataclasses.asdict(search.config), "experiment": experiment}
-            client.log_text(run_id, yaml.safe_dump(resolved, sort_keys=False), "search/resolved.yaml")
+            client.log_text(run_id, yaml.safe_dump(resolved, sort_keys=False), RESOLVED_ARTIFACT)
             client.log_artifact(run_id, str(search.path), "search")
         return cls(client, uri, exp_id, run_id)
 
@@ -224,7 +229,8 @@ def fit(tuner: tune.Tuner, parent: ParentRun, run_dir: str) -> tune.ResultGrid:
     return results
 
 
-def publish(search: Search, parent: ParentRun, trials: list[TrialOutcome], best: TrialOutcome | None) -> None:
+def publish(search: Search, parent: ParentRun, trials: list[TrialOutcome], best: TrialOutcome | None,
+            importance: Importance) -> None:
     """The parent run's end: the trials, and the best trial's model, plots and registered version."""
     config = search.config
     # the best trial's own data settings (a searched data.lod or channels may differ from the first
@@ -235,6 +241,7 @@ def publish(search: Search, parent: ParentRun, trials: list[TrialOutcome], best:
         published = log_search_result(
             parent.client, parent.uri, parent.run_id, trials, best, Path(folder) if folder else None, cache,
             config.metric, mode=config.mode,
-            registered_model=search.name if config.registered_model is None else config.registered_model)
+            registered_model=search.name if config.registered_model is None else config.registered_model,
+            importance=importance)
     for line in published.lines() if published else []:
         log.info(line)

@@ -10,6 +10,7 @@ from ray.tune import ResultGrid
 from ray.tune.utils import unflattened_lookup
 
 from ich_tune.experiment import Search
+from ich_tune.tracking.importance import Importance
 from ich_tune.trials import ENDED_KEY, TrialOutcome, how_it_ended
 
 
@@ -20,6 +21,7 @@ class SearchOutcome:
     tracking_uri: str
     trials: list[TrialOutcome]
     best: TrialOutcome | None
+    importance: Importance  # what mattered, over the finished trials
 
 
 def summarize(results: ResultGrid, search: Search, budget: int) -> list[TrialOutcome]:

@@ -1,2 +1,3 @@
 """Everything MLflow: tags, the store and its client, the trial callback and what of a trial it records,
-publishing the best model, the registry, the pyfunc model, --model references and `report`."""
+what mattered in a search, publishing the best model, the registry, the pyfunc model, --model
+references and `report`."""

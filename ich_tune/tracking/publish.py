@@ -1,9 +1,10 @@
-"""The end of a search in MLflow: the parent run's trials table, the best config, weights, plots and
-metrics, the best model as an MLflow model, and its registered version."""
+"""The end of a search in MLflow: the parent run's trials table, what mattered, the best config,
+weights, plots and metrics, the best model as an MLflow model, and its registered version."""
 
 from __future__ import annotations
 
 import csv
+import os
 import tempfile
 import time
 from collections import Counter
@@ -21,6 +22,8 @@ from ich_tune.data.fingerprint import data_fingerprint
 from ich_tune.evaluation.plots import example_grid, roc_curves, training_curves
 from ich_tune.experiment import build_experiment
 from ich_tune.tracking import pyfunc, registry
+from ich_tune.tracking.client import TRACKING_ENV
+from ich_tune.tracking.importance import Importance, log_importance
 from ich_tune.tracking.records import config_params, numeric
 from ich_tune.tracking.tags import TAG_BEST_CHECKPOINT, TAG_BEST_TRIAL, TAG_DESCRIPTION
 from ich_tune.training.checkpoint import CHECKPOINT_FILE, VALIDATION_FILE, load_checkpoint, save_checkpoint
@@ -76,12 +79,14 @@ class Published:
 
 def log_search_result(client: MlflowClient, tracking_uri: str, parent_run_id: str,
                       trials: list[TrialOutcome], best: TrialOutcome | None, best_dir: Path | None,
-                      cache_path: Path | None, metric: str, *, mode: str,
-                      registered_model: str) -> Published | None:
-    """The parent run's end: trials table, best config, its weights, model, plots and metrics; the
-    model as an MLflow model, registered as a version of `registered_model` (none where it is empty).
-    `best_dir` is the best trial's checkpoint as a local folder, `cache_path` the cache of its data."""
+                      cache_path: Path | None, metric: str, *, mode: str, registered_model: str,
+                      importance: Importance) -> Published | None:
+    """The parent run's end: trials table, what mattered, best config, its weights, model, plots and
+    metrics; the model as an MLflow model, registered as a version of `registered_model` (none where it
+    is empty). `best_dir` is the best trial's checkpoint as a local folder, `cache_path` the cache of
+    its data."""
     client.set_tag(parent_run_id, TAG_DESCRIPTION, describe(trials, best, metric))
+    log_importance(client, parent_run_id, importance)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         if trials:
@@ -104,7 +109,7 @@ def log_search_result(client: MlflowClient, tracking_uri: str, parent_run_id: st
             RunTag(TAG_BEST_TRIAL, best.trial_id),
             RunTag(TAG_BEST_CHECKPOINT, checkpoint_uri(best.checkpoint))],
             metrics=[Metric(k, v, now, int(state["step"])) for k, v in metrics.items()])
-        mlflow.set_tracking_uri(tracking_uri)
+        _set_global_tracking_uri(tracking_uri)
         with mlflow.start_run(run_id=parent_run_id):  # ends the parent run FINISHED
             info = pyfunc.log_model(folder / "weights.pt")
     if not registered_model:
@@ -112,3 +117,15 @@ def log_search_result(client: MlflowClient, tracking_uri: str, parent_run_id: st
     measured = registry.Measured(metric, mode, best.best, data_fingerprint(cache_path, config.data))
     version_uri, said = registry.register(client, registered_model, info.model_id, parent_run_id, measured)
     return Published(info.model_uri, version_uri, said)
+
+
+def _set_global_tracking_uri(uri: str) -> None:
+    """MLflow's global tracking URI, for its fluent API (start_run, log_model) and a SQL registry
+    (registry.register). mlflow.set_tracking_uri also exports it as MLFLOW_TRACKING_URI, which the
+    next verb in this process would take for the user's choice: the environment stays as it was."""
+    before = os.environ.get(TRACKING_ENV)
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop(TRACKING_ENV, None)
+    else:
+        os.environ[TRACKING_ENV] = before

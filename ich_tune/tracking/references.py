@@ -36,6 +36,7 @@ WEIGHTS_FILE = "weights.pt"  # what `train` writes and a search's parent run hol
 CONFIG_FILE = "config.yaml"
 WEIGHTS_ARTIFACT = f"best/{WEIGHTS_FILE}"
 CONFIG_ARTIFACT = f"best/{CONFIG_FILE}"
+RESOLVED_ARTIFACT = "search/resolved.yaml"  # a search's parent run: the search file as it ran
 RAY_PARAMS = "params.json"  # a Ray trial folder's copy of the trial's experiment tree
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 MODEL_ID = re.compile(r"m-[0-9a-f]{32}")  # MLflow 3's logged models: models:/<model id>

@@ -2,7 +2,7 @@
 
 MLflow is the record a search leaves behind (Ray's trial folders may sit on another machine or be
 gone), so everything here comes from the search's parent run and its child runs: their params,
-metric histories and tags.
+metric histories and tags, and what mattered is computed from them again.
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ import math
 import tempfile
 from pathlib import Path
 
+import yaml
 from mlflow.exceptions import MlflowException
 
+from ich_tune.config.markers import find_dimensions
 from ich_tune.errors import UserError
 from ich_tune.evaluation.metrics import mode_of
 from ich_tune.tracking.client import (
@@ -24,7 +26,8 @@ from ich_tune.tracking.client import (
     tracking_errors,
     ui_hint,
 )
-from ich_tune.tracking.references import CONFIG_ARTIFACT
+from ich_tune.tracking.importance import what_mattered
+from ich_tune.tracking.references import CONFIG_ARTIFACT, RESOLVED_ARTIFACT
 from ich_tune.tracking.tags import (
     TAG_BEST_TRIAL,
     TAG_ENDED,
@@ -62,6 +65,7 @@ def _report(name: str, sort: str | None, tracking_uri: str | None, run_id: str |
     mode = parent.data.tags.get(TAG_MODE) if metric == parent.data.tags.get(TAG_METRIC) else None
     mode = mode or mode_of(metric)
     trials = [_trial(client, run, metric, mode) for run in children]
+    mattered = _what_mattered(client, parent, trials, metric, mode)
     keys = {key for t in trials for key in t.params}
     searched = {k for k in keys if len({t.params.get(k) for t in trials}) > 1}  # what the search varied
     for t in trials:
@@ -69,7 +73,7 @@ def _report(name: str, sort: str | None, tracking_uri: str | None, run_id: str |
     order = "lower" if mode == "min" else "higher"
     lines = [f"search '{name}', run {parent_id} ({parent.info.run_name}, {parent.info.status.lower()}): "
              f"{len(trials)} trials, sorted by best {metric} ({order} is better)", "",
-             table(trials, metric, mode), "", _best_config(client, parent), "",
+             table(trials, metric, mode), "", mattered, "", _best_config(client, parent), "",
              f"compare trials: {ui_hint(uri, experiment.experiment_id)}"]
     return "\n".join(lines)
 
@@ -116,6 +120,17 @@ def _trial(client, run, metric: str, mode: str) -> TrialOutcome:
         best=(max if mode == "max" else min)(values) if values else math.nan,
         params=dict(run.data.params),
         message=tags.get(TAG_MESSAGE, "") if status == "FAILED" else "")  # else a crash it recovered from
+
+
+def _what_mattered(client, parent, trials: list[TrialOutcome], metric: str, mode: str) -> str:
+    """The importance line, over the dimensions of the search's resolved file as it ran."""
+    run_id = parent.info.run_id
+    if not has_artifact(client, run_id, RESOLVED_ARTIFACT):
+        return f"what mattered: unknown (no {RESOLVED_ARTIFACT} in run {run_id}, so no searched dimensions)"
+    with tempfile.TemporaryDirectory() as tmp:
+        resolved = yaml.safe_load(Path(client.download_artifacts(run_id, RESOLVED_ARTIFACT, tmp)).read_text())
+    dimensions = find_dimensions(resolved.get("experiment", {}), {})
+    return what_mattered(trials, dimensions, metric, mode).line()
 
 
 def _best_config(client, parent) -> str:
