@@ -43,10 +43,7 @@ def resampled_metrics(probs: np.ndarray, labels: np.ndarray, codes: np.ndarray,
     probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels) == 1
 
     def per_patient(values: np.ndarray) -> np.ndarray:
-        """Sums over each patient's slices, then over each resample's draws: [resamples, ...]."""
-        summed = np.zeros((counts.shape[1], *values.shape[1:]))
-        np.add.at(summed, codes, values)
-        return counts @ summed
+        return resampled_sums(values, codes, counts)
 
     predicted = probs >= THRESHOLD
     slices = per_patient(np.ones(len(probs)))
@@ -78,6 +75,26 @@ def resampled_metrics(probs: np.ndarray, labels: np.ndarray, codes: np.ndarray,
         mean = np.nansum(aucs, axis=1) / defined.sum(axis=1)
         values["auc_mean"] = np.where(defined.any(axis=1), mean, np.nan)
     return values
+
+
+def resampled_sums(values: np.ndarray, codes: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Sums of `values` over each patient's slices, then over each resample's draws: [resamples, ...]."""
+    summed = np.zeros((counts.shape[1], *values.shape[1:]))
+    np.add.at(summed, codes, values)
+    return counts @ summed
+
+
+def resampled_rates(probs: np.ndarray, labels: np.ndarray, thresholds: np.ndarray, codes: np.ndarray,
+                    counts: np.ndarray) -> dict[str, np.ndarray]:
+    """Sensitivity and specificity of `probs >= thresholds` (one per class) in every resample:
+    [resamples, classes] each."""
+    predicted = np.asarray(probs) >= np.asarray(thresholds)[None, :]
+    positive = np.asarray(labels) == 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {"sensitivity": resampled_sums((predicted & positive).astype(float), codes, counts)
+                / resampled_sums(positive.astype(float), codes, counts),
+                "specificity": resampled_sums((~predicted & ~positive).astype(float), codes, counts)
+                / resampled_sums((~positive).astype(float), codes, counts)}
 
 
 def _auc(scores: np.ndarray, positive: np.ndarray, codes: np.ndarray, counts: np.ndarray) -> np.ndarray:
