@@ -59,3 +59,17 @@ def test_the_report_page_holds_the_tables_and_figures():
                      {"roc": b"\x89PNG fake"})
     assert page.startswith("<!DOCTYPE html>") and "demo &lt;model&gt;" in page
     assert page.count("<table>") == 3 and "data:image/png;base64," in page
+
+
+def test_a_model_with_noise_added_is_worse_and_a_copy_is_tied():
+    from ich_tune.evaluation.ties import TIED, WORSE, compare_with_best
+
+    probs, labels, groups = correlated_patients(80, 10, seed=17)
+    noisy = np.clip(probs + np.random.default_rng(18).normal(0, 0.35, probs.shape), 0, 1)
+    nearly = np.clip(probs + np.random.default_rng(19).normal(0, 0.002, probs.shape), 0, 1)
+    verdicts = compare_with_best(probs, {"noisy": noisy, "nearly": nearly}, labels, groups, "auc_mean", "max",
+                                 resamples=300)
+    assert verdicts["noisy"][2] == WORSE and verdicts["noisy"][0] < 0 and verdicts["noisy"][1][1] < 0
+    assert verdicts["nearly"][2] == TIED and verdicts["nearly"][1][0] <= 0 <= verdicts["nearly"][1][1]
+    by_loss = compare_with_best(probs, {"noisy": noisy}, labels, groups, "log_loss", "min", resamples=300)
+    assert by_loss["noisy"][2] == WORSE and by_loss["noisy"][0] > 0
