@@ -73,3 +73,22 @@ def test_a_model_with_noise_added_is_worse_and_a_copy_is_tied():
     assert verdicts["nearly"][2] == TIED and verdicts["nearly"][1][0] <= 0 <= verdicts["nearly"][1][1]
     by_loss = compare_with_best(probs, {"noisy": noisy}, labels, groups, "log_loss", "min", resamples=300)
     assert by_loss["noisy"][2] == WORSE and by_loss["noisy"][0] > 0
+
+
+def test_a_checkpoint_keeps_its_calibration(tmp_path, tiny_config):
+    config = tiny_config()
+    import torch
+
+    from ich_tune.data.context import input_channels
+    from ich_tune.models import build_model
+    from ich_tune.training.checkpoint import load_checkpoint, save_checkpoint
+
+    probs, labels, _ = correlated_patients(30, 8, seed=20)
+    calibration = fit_calibration(probs, labels)
+    model = build_model(config.model, input_channels(config.data))
+    save_checkpoint(tmp_path / "w.pt", config, model, calibration=calibration.to_dict())
+    saved = load_checkpoint(tmp_path / "w.pt")
+    assert Calibration.from_dict(saved.calibration) == calibration
+    assert torch.equal(next(iter(saved.state_dict.values())), next(iter(model.state_dict().values())))
+    save_checkpoint(tmp_path / "plain.pt", config, model)
+    assert load_checkpoint(tmp_path / "plain.pt").calibration is None

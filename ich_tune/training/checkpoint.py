@@ -48,6 +48,7 @@ class Checkpoint:
     input: dict | None = None  # {"channels", "size", "context", "in_channels"}
     experiment: dict | None = None  # the experiment config as a tree
     training: dict | None = None  # optimizer, lr schedule, sampler, RNG, step, history: for a resume
+    calibration: dict | None = None  # temperatures and thresholds fitted on validation (evaluation/assess)
 
     def build(self) -> nn.Module:
         """The network this file describes, with its weights loaded."""
@@ -62,11 +63,12 @@ class Checkpoint:
 
 
 def save_checkpoint(path: Path, config: ExperimentConfig, model: nn.Module,
-                    training: dict | None = None) -> None:
+                    training: dict | None = None, calibration: dict | None = None) -> None:
     """Write atomically: a reader never sees half a file."""
     state = {"format": FORMAT, **model_spec(config), "state_dict": model.state_dict()}
-    if training is not None:
-        state["training"] = training
+    for key, value in (("training", training), ("calibration", calibration)):
+        if value is not None:
+            state[key] = value
     torch.save(state, path.with_name(f"{path.name}.tmp"))
     os.replace(path.with_name(f"{path.name}.tmp"), path)
 
@@ -88,7 +90,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             raise UserError(f"{path}: a checkpoint of format {saved['format']!r}; this version reads "
                             f"format {FORMAT}.")
         return Checkpoint(path, dict(saved["state_dict"]), saved.get("model"), saved.get("input"),
-                          saved.get("experiment"), saved.get("training"))
+                          saved.get("experiment"), saved.get("training"), saved.get("calibration"))
     if isinstance(saved.get("model"), Mapping):  # an older training checkpoint: state under "model"
         training = {k: v for k, v in saved.items() if k != "model"}
         return Checkpoint(path, dict(saved["model"]), training=training)
