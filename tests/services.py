@@ -1,5 +1,5 @@
-"""Real services for tests: an `mlflow server` and an S3 API server (moto), each on a free loopback
-port, started by the test and stopped when it ends, even when it fails."""
+"""Real services for tests: an `mlflow server`, `mlflow models serve` and an S3 API server (moto), each
+on a free loopback port, started by the test and stopped when it ends, even when it fails."""
 
 from __future__ import annotations
 
@@ -58,6 +58,19 @@ def mlflow_server(folder: Path) -> Iterator[str]:
                "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
                "--artifacts-destination", str(folder / "artifacts")]
     with _serving(command, f"{url}/health", folder / "server.log"):
+        yield url
+
+
+@contextmanager
+def model_server(model_uri: str, folder: Path, env: dict | None = None) -> Iterator[str]:
+    """`mlflow models serve` of `model_uri` in this environment (--env-manager local); yields its URL."""
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])  # its uvicorn
+    with _serving(command, f"{url}/ping", folder / "serve.log", {"PATH": path, **(env or {})}):
         yield url
 
 
