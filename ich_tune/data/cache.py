@@ -22,7 +22,6 @@ import dataclasses
 import fcntl
 import hashlib
 import json
-import multiprocessing
 import os
 import shutil
 import time
@@ -32,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from ich_tune.config.schema import DataConfig
-from ich_tune.data.channels import channel_dtype, parse_channels, to_channels
+from ich_tune.data import pool
+from ich_tune.data.channels import channel_dtype, interpolates, parse_channels, to_channels
 from ich_tune.data.dicom import DicomError, image_id, read_slice
 from ich_tune.data.labels import read_labels
 from ich_tune.errors import DataError
@@ -44,6 +44,7 @@ TRAIN_DIR = "stage_2_train"
 LABELS_CSV = "stage_2_train.csv"
 DISK_MARGIN = 64 * 2**20  # left free after a build: the disk is shared with logs and checkpoints
 INDEX_BYTES_PER_IMAGE = 1024  # index.npz: id, labels, valid, z and three UIDs of up to 64 characters
+CHUNK = 64  # slices per task: enough to amortise its round trip, few enough to balance the workers
 RACY_NS = 2 * 10**9  # a folder changed this recently may change again within its mtime's resolution
 
 
@@ -324,13 +325,14 @@ def _build(cfg: DataConfig, root: Path, plan: _Plan, free: int, out: Path, param
         f"about {_size(plan.disk_bytes)} on disk, {_size(free)} free)")
     headers: list = [None] * len(ids)
     skipped: dict[str, str] = dict.fromkeys(missing, MISSING)
-    chunks = [(str(out / "images.npy"), start, paths[start:start + 64], cfg.channels, cfg.size)
-              for start in range(0, len(paths), 64)]
+    images = str(out / "images.npy")
+    chunks = [(images, start, paths[start:start + CHUNK], cfg.channels, cfg.size)
+              for start in range(0, len(paths), CHUNK)]
     progress = Progress(len(paths), "preprocess")
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])  # workers fork from a process that imported this once
-    with context.Pool(workers, initializer=_init_worker) as pool:
-        for results in pool.imap_unordered(_decode_chunk, chunks):
+    with pool.workers(workers, __name__) as run:
+        for results, left in run(_decode_chunk, chunks):
+            for index in left:  # here, where torch is imported once rather than in every worker
+                results += _decode_chunk((images, index, [paths[index]], cfg.channels, cfg.size), True)[0]
             for index, header, reason in results:
                 headers[index] = header
                 if reason:
@@ -354,24 +356,26 @@ def _build(cfg: DataConfig, root: Path, plan: _Plan, free: int, out: Path, param
         log(f"preprocess: skipped {len(skipped)} images (listed in {out.parent}/<key>/manifest.json)")
 
 
-def _init_worker() -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"  # one process per core already, should torch be imported
-
-
-def _decode_chunk(task: tuple) -> list[tuple[int, tuple | None, str | None]]:
+def _decode_chunk(task: tuple, interpolate: bool = False) -> tuple[list[tuple], list[int]]:
+    """(index, header, reason it failed) of each slice decoded into the memory-mapped array, and
+    the indices of those left undecoded because only torch can resize them (see pool.py), unless
+    `interpolate`."""
     images_path, start, paths, channel_spec, size = task
     images = np.load(images_path, mmap_mode="r+")
     channels = parse_channels(channel_spec)
-    results = []
-    for offset, path in enumerate(paths):
-        index = start + offset
+    results, left = [], []
+    for index, path in enumerate(paths, start):
         try:
             header, hu = read_slice(path)
-            images[index] = to_channels(hu, channels, size)
-            results.append((index, dataclasses.astuple(header), None))
         except DicomError as err:
             results.append((index, None, err.reason))
-    return results
+            continue
+        if interpolates(hu.shape, size) and not interpolate:
+            left.append(index)
+        else:
+            images[index] = to_channels(hu, channels, size)
+            results.append((index, dataclasses.astuple(header), None))
+    return results, left
 
 
 def open_cache(path: Path) -> Cache:
