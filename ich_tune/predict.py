@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ich_tune.config.schema import DataConfig, ExperimentConfig
 from ich_tune.data.cache import LABELS_CSV, open_cache
@@ -36,7 +37,7 @@ from ich_tune.data.prepare import load_splits, prepare_cache
 from ich_tune.data.synthetic import RSNA_ANY, RSNA_RATES
 from ich_tune.errors import DataError, UserError
 from ich_tune.evaluation.metrics import compute_metrics
-from ich_tune.progress import Progress
+from ich_tune.progress import bar
 from ich_tune.training.device import place
 from ich_tune.training.loop import predict_batches
 
@@ -72,7 +73,7 @@ def predict_dicom(model: torch.nn.Module, config: ExperimentConfig, dicom_dir: P
         folder = scan(Path(dicom_dir), run)
         unreadable = dict(folder.unreadable)
         todo = [image for image in folder.images if image.file not in unreadable]
-        progress = Progress(len(todo), "predict")
+        progress = bar(len(todo), "predict")
         decoded: list[FolderImage] = []
 
         def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -88,7 +89,7 @@ def predict_dicom(model: torch.nn.Module, config: ExperimentConfig, dicom_dir: P
 
 
 def _inputs(images: list[FolderImage], cfg: DataConfig, run: Runner, unreadable: dict[str, str],
-            progress: Progress) -> Iterator[tuple[FolderImage, np.ndarray]]:
+            progress: tqdm) -> Iterator[tuple[FolderImage, np.ndarray]]:
     """(image, [(2k+1) * C, S, S]) for every image that decodes, series after series.
 
     Each series is decoded once and its slices stacked with their neighbours by the rules training
@@ -288,7 +289,7 @@ def evaluate_split(model: torch.nn.Module, config: ExperimentConfig, split: str 
     else:
         cache = with_context(open_cache(cache_path), config.data.context)
         indices = np.flatnonzero(cache.valid)
-    progress = Progress(len(indices), f"evaluate ({split})")
+    progress = bar(len(indices), f"evaluate ({split})")
     batches = validation_batches(cache, indices, _batch_size(batch_size, config))
     probs, labels = _predict(model, config, _counted(batches, progress))
     progress.close()
@@ -313,7 +314,7 @@ def _predict(model: torch.nn.Module, config: ExperimentConfig,
     return predict_batches(model, itertools.chain([first], batches), placement)
 
 
-def _counted(batches: Iterable, progress: Progress) -> Iterator:
+def _counted(batches: Iterable, progress: tqdm) -> Iterator:
     for images, labels in batches:
         yield images, labels
         progress.update(len(images))

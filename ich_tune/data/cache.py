@@ -36,7 +36,7 @@ from ich_tune.data.channels import channel_dtype, interpolates, parse_channels, 
 from ich_tune.data.dicom import DicomError, image_id, read_slice
 from ich_tune.data.labels import read_labels
 from ich_tune.errors import DataError
-from ich_tune.progress import Progress
+from ich_tune.progress import bar
 
 CACHE_VERSION = 1
 MISSING = "no DICOM file"  # the skip reason of a labelled image whose file is not there
@@ -328,7 +328,8 @@ def _build(cfg: DataConfig, root: Path, plan: _Plan, free: int, out: Path, param
     images = str(out / "images.npy")
     chunks = [(images, start, paths[start:start + CHUNK], cfg.channels, cfg.size)
               for start in range(0, len(paths), CHUNK)]
-    progress = Progress(len(paths), "preprocess")
+    decoding = time.perf_counter()
+    progress = bar(len(paths), "preprocess")
     with pool.workers(workers, __name__) as run:
         for results, left in run(_decode_chunk, chunks):
             for index in left:  # here, where torch is imported once rather than in every worker
@@ -338,7 +339,8 @@ def _build(cfg: DataConfig, root: Path, plan: _Plan, free: int, out: Path, param
                 if reason:
                     skipped[str(ids[index])] = reason
             progress.update(len(results))
-    seconds = progress.close()
+    progress.close()
+    seconds = time.perf_counter() - decoding
     bad = [h is None for h in headers]
     blank = ("", "", "", float("nan"))
     rows = [h[1:] if h else blank for h in headers]

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from ich_tune.data import pool
 from ich_tune.data.channels import Channel, channel_dtype, interpolates, parse_channels, to_channels
@@ -34,7 +35,7 @@ from ich_tune.data.dicom import (
 )
 from ich_tune.data.pool import Runner, Slot, Workers, shared
 from ich_tune.errors import DataError
-from ich_tune.progress import Progress
+from ich_tune.progress import bar
 
 RSNA_NAME = re.compile(r"ID_[0-9A-Za-z]+\.dcm(\.gz)?")  # Kaggle's ids are hex; any ID_<word>.dcm as before
 HEADER_CHUNK, DECODE_CHUNK = 64, 8  # files per task: enough to amortise the pickling, few enough to balance
@@ -97,7 +98,7 @@ def scan(root: Path, run: Runner) -> Folder:
     images, unreadable, skipped = [], {}, {}
     chunks = [[str(p) for p in paths[start:start + HEADER_CHUNK]]
               for start in range(0, len(paths), HEADER_CHUNK)]
-    progress = Progress(len(paths), "reading DICOM headers", unit="files")
+    progress = bar(len(paths), "reading DICOM headers", unit="files")
     for path, result in zip(paths, _flat(_counted(run(read_headers, chunks), progress)), strict=True):
         file = path.relative_to(root).as_posix()
         rsna = RSNA_NAME.fullmatch(path.name)
@@ -193,7 +194,7 @@ def readers(workers: int | None) -> AbstractContextManager[Runner]:
     return pool.workers(workers, __name__)
 
 
-def _counted(chunks: Iterable[list], progress: Progress) -> Iterator[list]:
+def _counted(chunks: Iterable[list], progress: tqdm) -> Iterator[list]:
     for chunk in chunks:
         yield chunk
         progress.update(len(chunk))
