@@ -126,13 +126,20 @@ def open_once_read(pipe: Path, builder: Builder) -> int:
         time.sleep(0.01)
 
 
-def blocked_in_flock(pid: int) -> bool:
-    """Whether a thread of process `pid` waits for a flock, as the kernel lists it ("->" marks waiters)."""
-    for line in Path("/proc/locks").read_text().splitlines():
-        fields = line.split()
-        if fields[1:3] == ["->", "FLOCK"] and str(pid) in fields:
-            return True
-    return False
+def refused_flocks(monkeypatch) -> threading.Event:
+    """Set once a flock is refused to one that asked without blocking, as filelock asks while it waits."""
+    refused = threading.Event()
+    real = fcntl.flock
+
+    def flock(fd, operation) -> None:
+        try:
+            real(fd, operation)
+        except BlockingIOError:
+            refused.set()
+            raise
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    return refused
 
 
 def size_in_bytes(number: str, unit: str) -> float:
@@ -313,10 +320,9 @@ def test_killed_build_never_looks_complete(fresh_data, tmp_path):
     assert manifest["skipped"][pipe_id].startswith("not a DICOM file")
 
 
-@pytest.mark.skipif(not Path("/proc/locks").is_file(), reason="needs Linux's /proc/locks")
-def test_second_builder_waits_for_the_lock_and_uses_the_first_cache(fresh_data, tmp_path):
+def test_second_builder_waits_for_the_lock_and_uses_the_first_cache(fresh_data, tmp_path, monkeypatch):
     """The test plays the first builder: it holds the key's lock while the cache is not complete.
-    The second must wait in flock, build nothing, and once the lock is released find the cache."""
+    The second must wait for the lock, build nothing, and once the lock is released find the cache."""
     cache_dir = tmp_path / "cache"
     cfg = config(fresh_data, cache_dir)
     path = ensure_cache(cfg, fresh_data, quiet)
@@ -335,13 +341,13 @@ def test_second_builder_waits_for_the_lock_and_uses_the_first_cache(fresh_data, 
     thread = threading.Thread(target=second_builder, daemon=True)
     with open(cache_dir / f"{path.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        refused = refused_flocks(monkeypatch)
         try:
             thread.start()
             deadline = time.monotonic() + 60
-            while not blocked_in_flock(os.getpid()):
+            while not refused.wait(0.01):
                 assert thread.is_alive(), f"the second builder did not wait: {outcome}"
                 assert time.monotonic() < deadline, "the second builder never waited for the lock"
-                time.sleep(0.01)
             assert thread.is_alive() and outcome == {}
             assert lines == [] and partial_folders(cache_dir) == [] and complete_folders(cache_dir) == []
             aside.rename(path)  # the first build finishes: its cache is in place

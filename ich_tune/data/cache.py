@@ -19,7 +19,6 @@ half-way through.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 
 from ich_tune.config.schema import DataConfig
 from ich_tune.data import pool
@@ -207,8 +207,7 @@ def _build_once(cfg: DataConfig, root: Path, files: dict[str, Path], params: dic
     plan = _plan(cfg, root, files)
     free = _check_room(cache_dir, key, plan.disk_bytes)  # before anything is created
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / f"{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a second builder waits here, then finds it complete
+    with FileLock(cache_dir / f"{key}.lock"):  # a second builder waits here, then finds it complete
         if (final / "manifest.json").is_file():
             return
         for stale in cache_dir.glob(f"{key}.partial-*"):  # left by a build that was killed

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import fcntl
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 
 from ich_tune.config.schema import DataConfig
 from ich_tune.data.cache import LABELS_CSV, ensure_cache, open_cache
@@ -30,8 +30,7 @@ def resolve_root(cfg: DataConfig, log=print) -> Path:
     from ich_tune.data.synthetic import generate
 
     root.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / f".{root.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with FileLock(root.parent / f".{root.name}.lock"):
         if not (root / LABELS_CSV).is_file():
             s = cfg.synthetic
             log(f"data: writing synthetic RSNA-layout data to {root} ({s.studies} studies x "
