@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import io
 import itertools
-import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from ich_tune.data.prepare import load_splits, prepare_cache
 from ich_tune.data.synthetic import RSNA_ANY, RSNA_RATES
 from ich_tune.errors import DataError, UserError
 from ich_tune.evaluation.metrics import compute_metrics
+from ich_tune.files import atomic
 from ich_tune.progress import bar
 from ich_tune.training.device import place
 from ich_tune.training.loop import predict_batches
@@ -265,14 +265,11 @@ def _csv(header: Iterable[str], rows: Iterable[Iterable]) -> str:
 def _write(path: Path, text: str, what: str) -> None:
     """Written atomically: a reader never sees half a file, and a failed write leaves none."""
     path = Path(path)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text(text)
-        os.replace(partial, path)
+        with atomic(path) as partial:
+            partial.write_text(text)
     except OSError as err:
-        if partial.is_file():
-            partial.unlink()
         raise UserError(f"{path}: cannot write {what} ({err.strerror or err}).") from None
 
 

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ich_tune.files import atomic
+
 RSNA_SLICES = 752_807
 SLICES_PER_STUDY = 40
 PHASES = ("cache", "splits", "loader")  # prepare_cache, load_splits, TrainBatches
@@ -116,8 +118,8 @@ def write_tree(root: Path, count: int, seed: int = 0) -> float:
     y[any_bleed, rng.integers(0, 5, int(any_bleed.sum()))] = 1
     y[:, 5] = any_bleed
     order = np.argsort(ids)
-    write_labels(root / (LABELS_CSV + ".partial"), [ids[i] for i in order], y[order])
-    os.replace(root / (LABELS_CSV + ".partial"), root / LABELS_CSV)  # present only when complete
+    with atomic(root / LABELS_CSV) as partial:  # present only when complete
+        write_labels(partial, [ids[i] for i in order], y[order])
     return time.perf_counter() - started
 
 

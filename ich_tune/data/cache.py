@@ -36,6 +36,7 @@ from ich_tune.data.channels import channel_dtype, interpolates, parse_channels, 
 from ich_tune.data.dicom import DicomError, image_id, read_slice
 from ich_tune.data.labels import read_labels
 from ich_tune.errors import DataError
+from ich_tune.files import atomic
 from ich_tune.progress import bar
 
 CACHE_VERSION = 1
@@ -170,7 +171,8 @@ def ensure_cache(cfg: DataConfig, root: Path, log=print, rescan: bool = False) -
         _build_once(cfg, root, files, params, fingerprint, cache_dir, key, log)
     _checked(final, cfg, root)
     if folder_fingerprint(root) == folder and not _racy(folder, checked_at):
-        _replace_text(remembered, json.dumps(fingerprint))
+        with atomic(remembered) as partial:
+            partial.write_text(json.dumps(fingerprint))
     return final
 
 
@@ -191,13 +193,6 @@ def _racy(folder: dict, checked_at: int) -> bool:
     Not remembered then; the next start runs the full check again."""
     newest = max(folder["folder"][-1], folder["csv"][-1])
     return checked_at - newest < RACY_NS
-
-
-def _replace_text(path: Path, text: str) -> None:
-    """Write all or nothing: a reader never sees half a file."""
-    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
-    partial.write_text(text)
-    os.replace(partial, path)
 
 
 def _build_once(cfg: DataConfig, root: Path, files: dict[str, Path], params: dict, fingerprint: dict,

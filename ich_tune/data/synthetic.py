@@ -8,7 +8,6 @@ rates follow RSNA's. Everything derives from `seed`: same arguments, byte-identi
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from ich_tune.data.phantom import (
     ventricle_slices,
 )
 from ich_tune.errors import DataError
+from ich_tune.files import atomic
 
 TRAIN_DIR, TEST_DIR = "stage_2_train", "stage_2_test"
 TRAIN_CSV, SUBMISSION_CSV = "stage_2_train.csv", "stage_2_sample_submission.csv"
@@ -128,12 +128,12 @@ def generate(
     train = sorted(i.id for i in images if i.split == "train")
     test = sorted(i.id for i in images if i.split == "test")
     rows = [f"{i}_{name},0.5" for i in test for name in CLASSES]
-    _replace(out / SUBMISSION_CSV, "\n".join(["ID,Label", *rows, ""]).encode())
+    with atomic(out / SUBMISSION_CSV) as part:
+        part.write_bytes("\n".join(["ID,Label", *rows, ""]).encode())
     repeated = _duplicated(train, seed, quirk_rate)
-    part = out / (TRAIN_CSV + ".partial")
     ids = train + repeated
-    write_labels(part, ids, np.array([labels[i] for i in ids], np.uint8))
-    os.replace(part, out / TRAIN_CSV)
+    with atomic(out / TRAIN_CSV) as part:
+        write_labels(part, ids, np.array([labels[i] for i in ids], np.uint8))
     return _summary(images, labels, size, len(repeated))
 
 
@@ -380,12 +380,6 @@ def _duplicated(train: list[str], seed: int, quirk_rate: float) -> list[str]:
     rng = _stream(seed, 5)
     chosen = [i for i, p in zip(train, rng.random(len(train)), strict=True) if p < quirk_rate / 10]
     return chosen or [train[int(rng.integers(len(train)))]]
-
-
-def _replace(path: Path, data: bytes) -> None:
-    part = path.with_name(path.name + ".partial")
-    part.write_bytes(data)
-    os.replace(part, path)
 
 
 def _summary(images: list[Image], labels: dict[str, list[bool]], size: int,
