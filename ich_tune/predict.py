@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import logging
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ from ich_tune.files import atomic
 from ich_tune.progress import bar
 from ich_tune.training.device import place
 from ich_tune.training.loop import predict_batches
+
+log = logging.getLogger(__name__)
 
 SUBMISSION_CLIP = 1e-6  # competition practice: a confident mistake must not cost an infinite log loss
 SPLITS = ("val", "all")
@@ -112,7 +115,7 @@ def _inputs(images: list[FolderImage], cfg: DataConfig, run: Runner, unreadable:
         yield from good
 
 
-def kaggle_rows(prediction: FolderPrediction, log=print) -> tuple[list[str], np.ndarray, dict[str, str]]:
+def kaggle_rows(prediction: FolderPrediction) -> tuple[list[str], np.ndarray, dict[str, str]]:
     """Every image's id (sorted) and probabilities; an unreadable image is predicted at the training
     label rates, so that a submission still covers every image. Files that are not DICOM are no
     images and have no rows."""
@@ -129,21 +132,21 @@ def kaggle_rows(prediction: FolderPrediction, log=print) -> tuple[list[str], np.
     probs[[rows[image.image_id] for image in prediction.images]] = prediction.probs
     unreadable = {named[file]: reason for file, reason in prediction.unreadable.items()}
     if unreadable:
-        probs[[rows[name] for name in unreadable]] = label_rates(folder.root, log)
+        probs[[rows[name] for name in unreadable]] = label_rates(folder.root)
     return list(rows), probs, unreadable
 
 
-def label_rates(dicom_dir: Path, log=print) -> np.ndarray:
+def label_rates(dicom_dir: Path) -> np.ndarray:
     """Per-class positive rates: of the dataset's labels CSV beside the folder, else RSNA's."""
     labels = dicom_dir.parent / LABELS_CSV
     if labels.is_file():
         try:
             rates = read_labels(labels).y.mean(axis=0)
-            log(f"predict: unreadable slices get the label rates of {labels}")
+            log.info(f"predict: unreadable slices get the label rates of {labels}")
             return rates
         except DataError as err:
-            log(f"predict: {err}")
-    log("predict: unreadable slices get RSNA's published label rates")
+            log.info(f"predict: {err}")
+    log.info("predict: unreadable slices get RSNA's published label rates")
     return np.array([{**RSNA_RATES, "any": RSNA_ANY}[name] for name in CLASSES])
 
 
@@ -194,7 +197,7 @@ def study_rows(prediction: FolderPrediction) -> list[dict]:
     return sorted(rows, key=lambda row: (row["max_any"] is None, -(row["max_any"] or 0.0)))
 
 
-def save_predictions(prediction: FolderPrediction, out: Path, form: str | None = None, log=print) -> str:
+def save_predictions(prediction: FolderPrediction, out: Path, form: str | None = None) -> str:
     """Write `out` as Kaggle's submission or the wide table, the form defaulting to Kaggle's for a
     folder of ID_<hex>.dcm files; the wide table gets `<out stem>.studies.csv` and
     `<out stem>.skipped.csv` beside it. Lists what could not be used; returns the form written."""
@@ -202,9 +205,9 @@ def save_predictions(prediction: FolderPrediction, out: Path, form: str | None =
     folder = prediction.folder
     form = form or ("kaggle" if folder.rsna_named else "wide")
     if form == "kaggle":
-        ids, probs, _ = kaggle_rows(prediction, log)
+        ids, probs, _ = kaggle_rows(prediction)
         write_submission(out, ids, probs)
-        log(f"{len(ids)} images -> {out} ({probs.size} rows)")
+        log.info(f"{len(ids)} images -> {out} ({probs.size} rows)")
     else:
         studies = study_rows(prediction)
         write_wide(out, prediction)
@@ -213,12 +216,12 @@ def save_predictions(prediction: FolderPrediction, out: Path, form: str | None =
         unused = {**prediction.unreadable, **folder.skipped}
         _write(sibling(out, "skipped"), _csv(("file", "reason"), sorted(unused.items())), "the skipped files")
         scored = sum(row["images"] > 0 for row in studies)
-        log(f"{len(prediction.images)} images of {scored} studies -> {out}; per study: "
-            f"{sibling(out, 'studies')}")
-        _show_studies(studies, log)
+        log.info(f"{len(prediction.images)} images of {scored} studies -> {out}; per study: "
+                 f"{sibling(out, 'studies')}")
+        _show_studies(studies)
     _show_files(prediction.unreadable, "unreadable" + (", predicted at the training label rates"
-                                                       if form == "kaggle" else ""), log)
-    _show_files(folder.skipped, "skipped, not DICOM", log)
+                                                       if form == "kaggle" else ""))
+    _show_files(folder.skipped, "skipped, not DICOM")
     return form
 
 
@@ -227,24 +230,24 @@ def sibling(out: Path, part: str) -> Path:
     return out.with_name(f"{out.stem}.{part}{out.suffix or '.csv'}")
 
 
-def _show_studies(studies: list[dict], log) -> None:
-    log(f"  {'max any':>8}  {'images':>6}  study (image with the max)")
+def _show_studies(studies: list[dict]) -> None:
+    log.info(f"  {'max any':>8}  {'images':>6}  study (image with the max)")
     for row in studies[:SHOWN]:
         score = "-" if row["max_any"] is None else f"{row['max_any']:.3f}"
-        log(f"  {score:>8}  {row['images']:>6}  {row['study_uid'] or '(no StudyInstanceUID)'} "
-            f"({row['max_any_file'] or 'none decoded'})")
+        log.info(f"  {score:>8}  {row['images']:>6}  {row['study_uid'] or '(no StudyInstanceUID)'} "
+                 f"({row['max_any_file'] or 'none decoded'})")
     if len(studies) > SHOWN:
-        log(f"  ... and {len(studies) - SHOWN} more studies")
+        log.info(f"  ... and {len(studies) - SHOWN} more studies")
 
 
-def _show_files(reasons: dict[str, str], what: str, log) -> None:
+def _show_files(reasons: dict[str, str], what: str) -> None:
     if not reasons:
         return
-    log(f"{len(reasons)} {what}:")
+    log.info(f"{len(reasons)} {what}:")
     for file, reason in list(reasons.items())[:SHOWN]:
-        log(f"  {file}: {reason}")
+        log.info(f"  {file}: {reason}")
     if len(reasons) > SHOWN:
-        log(f"  ... and {len(reasons) - SHOWN} more")
+        log.info(f"  ... and {len(reasons) - SHOWN} more")
 
 
 def _blank(value: object) -> object:
@@ -274,14 +277,14 @@ def _write(path: Path, text: str, what: str) -> None:
 
 
 def evaluate_split(model: torch.nn.Module, config: ExperimentConfig, split: str = "val",
-                   batch_size: int | None = None, log=print) -> dict[str, float]:
+                   batch_size: int | None = None) -> dict[str, float]:
     """`compute_metrics` on the experiment's labelled data: its validation split (the patients
     training held out, split as training split them) or, with split "all", every decoded slice."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    cache_path = prepare_cache(config.data, log)
+    cache_path = prepare_cache(config.data)
     if split == "val":
-        splits = load_splits(cache_path, config.data, log)
+        splits = load_splits(cache_path, config.data)
         cache, indices = splits.cache, splits.val
     else:
         cache = with_context(open_cache(cache_path), config.data.context)

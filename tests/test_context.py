@@ -85,6 +85,6 @@ def test_context_is_searchable_and_bounded(tmp_path):
 
 def test_every_context_shares_one_cache(tiny_rsna, tmp_path):
     paths = {ensure_cache(DataConfig(root=str(tiny_rsna), cache_dir=str(tmp_path), full_size=64, lod=1,
-                                     context=k, max_bad_fraction=0.2, workers=1), tiny_rsna, lambda *_: None)
+                                     context=k, max_bad_fraction=0.2, workers=1), tiny_rsna)
              for k in (0, 2)}
     assert len(paths) == 1

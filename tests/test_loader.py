@@ -28,7 +28,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # RSN
 def build(root, cache_dir, channels) -> Cache:
     cfg = DataConfig(root=str(root), cache_dir=str(cache_dir), full_size=64, lod=1, channels=channels,
                      workers=1, max_bad_fraction=0.5)
-    return open_cache(ensure_cache(cfg, root, lambda *_: None))
+    return open_cache(ensure_cache(cfg, root))
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def cache(caches) -> Cache:
 
 @pytest.fixture(scope="module")
 def splits(cache):
-    return load_splits(cache.path, DataConfig(), lambda *_: None)
+    return load_splits(cache.path, DataConfig())
 
 
 @pytest.fixture(scope="module")

@@ -218,7 +218,7 @@ def test_rescan_reaches_every_node(ray_cluster, tiny_rsna, tiny_config, tmp_path
     for folder in (root, *root.rglob("*")):  # changed long ago: the cheap check trusts it
         os.utime(folder, (time.time() - 60, time.time() - 60))
     cfg = tiny_config(data={"root": str(root)})
-    old = open_cache(prepare_cache(cfg.data, print))
+    old = open_cache(prepare_cache(cfg.data))
     files = find_dicom_files(root)
     shutil.copyfile(files[old.ids[1]], files[old.ids[0]])  # the folder's mtime stays: only a rescan sees it
     DataOnNodes([cfg.data], rescan=True).prepare({"cpu": 1, "gpu": 0}, print)
@@ -255,7 +255,7 @@ def test_two_processes_building_one_cache_at_once_leave_one_valid_cache(tiny_rsn
     tree = tiny_tree(tiny_rsna, cache_dir, data={"workers": 1})
     experiment = tmp_path / "experiment.yaml"
     experiment.write_text(yaml.safe_dump(tree))
-    path = prepare_cache(build_experiment(tree, {}).data, log=lambda *_: None)  # to learn the key
+    path = prepare_cache(build_experiment(tree, {}).data)  # to learn the key
     shutil.rmtree(path)
     with open(cache_dir / f"{path.name}.lock", "w") as lock, contextlib.ExitStack() as stack:
         import fcntl

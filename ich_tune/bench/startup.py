@@ -182,13 +182,13 @@ def build_cache(root: Path, cache_dir: Path) -> float:
     from ich_tune.data.cache import LABELS_CSV, RACY_NS, TRAIN_DIR
     from ich_tune.data.prepare import prepare_cache
 
-    cfg, quiet = _config(root, cache_dir), lambda *_: None
+    cfg = _config(root, cache_dir)
     started = time.perf_counter()
-    prepare_cache(cfg, quiet)
+    prepare_cache(cfg)
     seconds = time.perf_counter() - started
     newest = max((root / TRAIN_DIR).stat().st_mtime_ns, (root / LABELS_CSV).stat().st_mtime_ns)
     time.sleep(max(0.0, (newest + RACY_NS - time.time_ns()) / 1e9))
-    prepare_cache(cfg, quiet)  # as any later start: remembers the fingerprint of a folder not just written
+    prepare_cache(cfg)  # as any later start: remembers the fingerprint of a folder not just written
     return seconds
 
 
@@ -216,11 +216,10 @@ def time_phases(root: Path, cache_dir: Path, rescan: bool, cold: bool) -> dict[s
     if cold:
         for path in [root / LABELS_CSV, *(p for p in cache_dir.rglob("*") if p.is_file())]:
             _drop_from_page_cache(path)
-    quiet = lambda *_: None  # noqa: E731
     started = time.perf_counter()
-    path = prepare_cache(cfg, quiet, rescan=rescan)
+    path = prepare_cache(cfg, rescan=rescan)
     cached = time.perf_counter()
-    splits = load_splits(path, cfg, quiet)
+    splits = load_splits(path, cfg)
     split = time.perf_counter()
     TrainBatches(splits.cache, splits.train, batch_size=12, seed=0)
     return {"cache": cached - started, "splits": split - cached, "loader": time.perf_counter() - split}

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     config.logging.print_interval = warmup
     config.logging.tensorboard = False
     config.logging.plot_interval = 10**9
-    cache = prepare_cache(config.data, log=lambda *_: None)
+    cache = prepare_cache(config.data)
     threads = torch.get_num_threads()
     real, bare = [], []
     for _ in range(args.repeats):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -38,6 +39,8 @@ from ich_tune.data.labels import read_labels
 from ich_tune.errors import DataError
 from ich_tune.files import atomic
 from ich_tune.progress import bar
+
+log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 MISSING = "no DICOM file"  # the skip reason of a labelled image whose file is not there
@@ -145,7 +148,7 @@ def folder_fingerprint(root: Path) -> dict:
             "csv": [csv_stat.st_ino, csv_stat.st_size, csv_stat.st_mtime_ns]}
 
 
-def ensure_cache(cfg: DataConfig, root: Path, log=print, rescan: bool = False) -> Path:
+def ensure_cache(cfg: DataConfig, root: Path, rescan: bool = False) -> Path:
     """The cache folder for these data and parameters, built first if it does not exist yet.
 
     The key covers every file's size and mtime, and computing that stats every file: seconds at
@@ -168,7 +171,7 @@ def ensure_cache(cfg: DataConfig, root: Path, log=print, rescan: bool = False) -
     key = _digest([params, fingerprint])
     final = cache_dir / key
     if not (final / "manifest.json").is_file():
-        _build_once(cfg, root, files, params, fingerprint, cache_dir, key, log)
+        _build_once(cfg, root, files, params, fingerprint, cache_dir, key)
     _checked(final, cfg, root)
     if folder_fingerprint(root) == folder and not _racy(folder, checked_at):
         with atomic(remembered) as partial:
@@ -196,7 +199,7 @@ def _racy(folder: dict, checked_at: int) -> bool:
 
 
 def _build_once(cfg: DataConfig, root: Path, files: dict[str, Path], params: dict, fingerprint: dict,
-                cache_dir: Path, key: str, log) -> None:
+                cache_dir: Path, key: str) -> None:
     """Build the cache of `key` unless another process does or did; see the module's docstring."""
     final = cache_dir / key
     plan = _plan(cfg, root, files)
@@ -209,7 +212,7 @@ def _build_once(cfg: DataConfig, root: Path, files: dict[str, Path], params: dic
             shutil.rmtree(stale, ignore_errors=True)
         partial = cache_dir / f"{key}.partial-{os.getpid()}"
         try:
-            _build(cfg, root, plan, free, partial, params, fingerprint, log)
+            _build(cfg, root, plan, free, partial, params, fingerprint)
             _checked(partial, cfg, root)
             os.rename(partial, final)
         finally:
@@ -307,16 +310,16 @@ def _size(count: float) -> str:
 
 
 def _build(cfg: DataConfig, root: Path, plan: _Plan, free: int, out: Path, params: dict,
-           fingerprint: dict, log) -> None:
+           fingerprint: dict) -> None:
     started = time.perf_counter()
     ids, y, missing, paths = plan.ids, plan.labels, plan.missing, plan.paths
     out.mkdir(parents=True)
     np.lib.format.open_memmap(out / "images.npy", mode="w+", dtype=plan.dtype, shape=plan.shape)
     workers = cfg.workers or len(os.sched_getaffinity(0))  # usable cores, as a cpuset limits them
     _, channels, size, _ = plan.shape
-    log(f"preprocess: {len(ids)} slices of {root} -> {out.parent} "
-        f"({channels}x{size}x{size} {plan.dtype.name}, {workers} processes; "
-        f"about {_size(plan.disk_bytes)} on disk, {_size(free)} free)")
+    log.info(f"preprocess: {len(ids)} slices of {root} -> {out.parent} "
+             f"({channels}x{size}x{size} {plan.dtype.name}, {workers} processes; "
+             f"about {_size(plan.disk_bytes)} on disk, {_size(free)} free)")
     headers: list = [None] * len(ids)
     skipped: dict[str, str] = dict.fromkeys(missing, MISSING)
     images = str(out / "images.npy")
@@ -349,7 +352,7 @@ def _build(cfg: DataConfig, root: Path, plan: _Plan, free: int, out: Path, param
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     if skipped:
-        log(f"preprocess: skipped {len(skipped)} images (listed in {out.parent}/<key>/manifest.json)")
+        log.info(f"preprocess: skipped {len(skipped)} images (listed in {out.parent}/<key>/manifest.json)")
 
 
 def _decode_chunk(task: tuple, interpolate: bool = False) -> tuple[list[tuple], list[int]]:

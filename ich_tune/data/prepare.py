@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +15,10 @@ from ich_tune.data.context import ContextCache, with_context
 from ich_tune.data.split import describe_split, group_codes, patient_groups, split_by_group
 from ich_tune.errors import DataError
 
+log = logging.getLogger(__name__)
 
-def resolve_root(cfg: DataConfig, log=print) -> Path:
+
+def resolve_root(cfg: DataConfig) -> Path:
     """The dataset folder; synthetic data are generated into it first when it has none."""
     if cfg.root is None:
         raise DataError("data.root is not set: pass --data-root /path/to/rsna (the folder with "
@@ -33,17 +36,17 @@ def resolve_root(cfg: DataConfig, log=print) -> Path:
     with FileLock(root.parent / f".{root.name}.lock"):
         if not (root / LABELS_CSV).is_file():
             s = cfg.synthetic
-            log(f"data: writing synthetic RSNA-layout data to {root} ({s.studies} studies x "
-                f"{s.slices} slices, {s.size}px, seed {s.seed})")
+            log.info(f"data: writing synthetic RSNA-layout data to {root} ({s.studies} studies x "
+                     f"{s.slices} slices, {s.size}px, seed {s.seed})")
             generate(root, studies=s.studies, slices=s.slices, size=s.size, seed=s.seed,
                      positive_rate=s.positive_rate, quirk_rate=s.quirk_rate, difficulty=s.difficulty)
     return root
 
 
-def prepare_cache(cfg: DataConfig, log=print, rescan: bool = False) -> Path:
+def prepare_cache(cfg: DataConfig, rescan: bool = False) -> Path:
     """Generate (synthetic only) and preprocess as needed; returns the cache folder. `rescan` checks
     every file rather than trusting an unchanged folder (see cache.ensure_cache)."""
-    return ensure_cache(cfg, resolve_root(cfg, log), log, rescan)
+    return ensure_cache(cfg, resolve_root(cfg), rescan)
 
 
 @dataclass
@@ -53,9 +56,9 @@ class Splits:
     val: np.ndarray
 
 
-def load_splits(cache_path: Path, cfg: DataConfig, log=print) -> Splits:
+def load_splits(cache_path: Path, cfg: DataConfig, quiet: bool = False) -> Splits:
     """Open the cache with its neighbour table for data.context and split its decodable slices by
-    patient."""
+    patient, saying what each part holds unless `quiet` (for a reader of the split alone)."""
     cache = with_context(open_cache(cache_path), cfg.context)
     valid = np.flatnonzero(cache.valid)
     groups = group_codes(patient_groups(cache.patient_ids[valid], cache.study_uids[valid]))
@@ -63,6 +66,7 @@ def load_splits(cache_path: Path, cfg: DataConfig, log=print) -> Splits:
     if len(train) == 0 or len(val) == 0:
         raise DataError(f"{cache_path}: {len(np.unique(groups))} patients cannot be split into "
                         "training and validation; use more data or another data.train_fraction.")
-    for name, part in (("train", train), ("val", val)):
-        log(describe_split(name, cache.labels[valid[part]], groups[part]))
+    if not quiet:
+        for name, part in (("train", train), ("val", val)):
+            log.info(describe_split(name, cache.labels[valid[part]], groups[part]))
     return Splits(cache, valid[train], valid[val])

@@ -36,6 +36,7 @@ from ich_tune.config.schema import SearchConfig
 from ich_tune.data.prepare import prepare_cache, resolve_root
 from ich_tune.errors import Interrupted, UserError
 from ich_tune.experiment import Search, build_experiment
+from ich_tune.logs import to_stdout
 from ich_tune.search import storage
 from ich_tune.search.cluster import start_ray
 from ich_tune.search.nodes import DataOnNodes, data_variants
@@ -113,6 +114,7 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
     """One trial: the training loop, reporting each validation and checkpoint to Ray Tune."""
     import torch
 
+    to_stdout()  # what the trial says goes to its output, as in the driver
     cfg = build_experiment(config, {})
     context = tune.get_context()
     trial_dir = Path(context.get_trial_dir())
@@ -335,7 +337,7 @@ def _run(search: Search, options: RunOptions, run_dir: str, local: Path, log) ->
     first = search.trial_experiment(search.first_values, experiment)
     budget = first.train.max_steps  # ASHA's max_t; load_search made sure there is one
     variants = data_variants(search, experiment)  # each node's caches, prepared once Ray is up
-    resolve_root(first.data, log)  # missing data is one message before Ray starts
+    resolve_root(first.data)  # missing data is one message before Ray starts
 
     start_ray(options.address, options.dashboard_port, options.num_gpus, log)
     resources = {"cpu": config.resources.cpu, "gpu": config.resources.gpu}
@@ -412,7 +414,7 @@ def _run(search: Search, options: RunOptions, run_dir: str, local: Path, log) ->
     best = best_of(trials, config.mode)
     # the best trial's own data settings (a searched data.lod or channels may differ from the first
     # trial's) for its plots and the registry's fingerprint; already built where the driver's node ran trials
-    cache = prepare_cache(build_experiment(best.config, {}).data, log) if best else None
+    cache = prepare_cache(build_experiment(best.config, {}).data) if best else None
     # a checkpoint may sit in a bucket: Ray fetches it into a local folder (or hands over its own)
     with best.checkpoint.as_directory() if best else contextlib.nullcontext() as folder:
         published = log_search_result(

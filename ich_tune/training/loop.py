@@ -161,7 +161,7 @@ def set_up(cfg: ExperimentConfig, cache_path: Path, threads: int | None, warm_st
     torch.set_num_threads(cfg.train.threads or threads or len(os.sched_getaffinity(0)))
     seed_everything(cfg.seed, cfg.train.deterministic)
     placement = place(cfg.train)
-    splits = load_splits(cache_path, cfg.data, log)
+    splits = load_splits(cache_path, cfg.data)
     model = build_model(cfg.model, in_channels=input_channels(cfg.data))
     if cfg.model.init_from and warm_start:
         loaded = load_weights(model, Path(cfg.model.init_from).expanduser())
