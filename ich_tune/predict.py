@@ -27,14 +27,14 @@ import torch
 from tqdm import tqdm
 
 from ich_tune.config.schema import DataConfig, ExperimentConfig
-from ich_tune.data.cache import LABELS_CSV, open_cache
+from ich_tune.data.cache import open_cache
 from ich_tune.data.context import neighbour_table, stack, with_context
 from ich_tune.data.folder import Folder, FolderImage, decode, readers, scan
 from ich_tune.data.labels import CLASSES, HEADER, read_labels
 from ich_tune.data.loader import validation_batches
 from ich_tune.data.pool import Runner
 from ich_tune.data.prepare import load_splits, prepare_cache
-from ich_tune.data.synthetic import RSNA_ANY, RSNA_RATES
+from ich_tune.data.rsna import LABELS_CSV, RSNA_ANY, RSNA_RATES
 from ich_tune.errors import DataError, UserError
 from ich_tune.evaluation.metrics import compute_metrics
 from ich_tune.files import atomic

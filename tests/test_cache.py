@@ -26,18 +26,12 @@ import numpy as np
 import pytest
 
 from ich_tune.config.schema import DataConfig, SyntheticConfig
-from ich_tune.data.cache import (
-    DISK_MARGIN,
-    LABELS_CSV,
-    TRAIN_DIR,
-    ensure_cache,
-    find_dicom_files,
-    open_cache,
-)
+from ich_tune.data.cache import DISK_MARGIN, ensure_cache, find_dicom_files, open_cache
 from ich_tune.data.channels import parse_channels, to_channels
 from ich_tune.data.dicom import read_header, read_hu
 from ich_tune.data.labels import read_labels
 from ich_tune.data.prepare import prepare_cache, resolve_root
+from ich_tune.data.rsna import LABELS_CSV, TRAIN_DIR
 from ich_tune.data.synthetic import generate
 from ich_tune.errors import DataError
 

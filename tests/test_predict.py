@@ -23,7 +23,7 @@ from ich_tune.data.context import with_context
 from ich_tune.data.labels import CLASSES, read_labels, write_labels
 from ich_tune.data.loader import validation_batches
 from ich_tune.data.prepare import load_splits, prepare_cache
-from ich_tune.data.synthetic import RSNA_ANY, RSNA_RATES, SUBMISSION_CSV
+from ich_tune.data.rsna import RSNA_ANY, RSNA_RATES, SUBMISSION_CSV
 from ich_tune.errors import UserError
 from ich_tune.experiment import build_experiment
 from ich_tune.predict import (

@@ -18,9 +18,10 @@ import yaml
 
 from ich_tune.cli import main
 from ich_tune.config.schema import DataConfig
-from ich_tune.data.cache import LABELS_CSV, TRAIN_DIR, ensure_cache, find_dicom_files, open_cache
+from ich_tune.data.cache import ensure_cache, find_dicom_files, open_cache
 from ich_tune.data.channels import parse_channels, to_channels
 from ich_tune.data.dicom import read_hu
+from ich_tune.data.rsna import LABELS_CSV, TRAIN_DIR
 from ich_tune.data.synthetic import generate
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")

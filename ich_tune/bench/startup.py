@@ -92,8 +92,8 @@ def extrapolate(sizes: list[int], seconds: list[float]) -> float:
 
 def write_tree(root: Path, count: int, seed: int = 0) -> float:
     """RSNA's layout with `count` 8x8 slices; seconds taken (0 when the tree was already there)."""
-    from ich_tune.data.cache import LABELS_CSV, TRAIN_DIR
     from ich_tune.data.labels import write_labels
+    from ich_tune.data.rsna import LABELS_CSV, TRAIN_DIR
 
     if (root / LABELS_CSV).is_file():
         return 0.0
@@ -179,8 +179,9 @@ def _config(root: Path, cache_dir: Path):
 
 def build_cache(root: Path, cache_dir: Path) -> float:
     """Seconds to build (or find) the tree's cache, in this process."""
-    from ich_tune.data.cache import LABELS_CSV, RACY_NS, TRAIN_DIR
+    from ich_tune.data.cache import RACY_NS
     from ich_tune.data.prepare import prepare_cache
+    from ich_tune.data.rsna import LABELS_CSV, TRAIN_DIR
 
     cfg = _config(root, cache_dir)
     started = time.perf_counter()
@@ -208,9 +209,9 @@ def start_up(root: Path, cache_dir: Path, rescan: bool, cold: bool) -> dict[str,
 
 def time_phases(root: Path, cache_dir: Path, rescan: bool, cold: bool) -> dict[str, float]:
     """What train/run do before their first step, phase by phase (imports are done first)."""
-    from ich_tune.data.cache import LABELS_CSV
     from ich_tune.data.loader import TrainBatches
     from ich_tune.data.prepare import load_splits, prepare_cache
+    from ich_tune.data.rsna import LABELS_CSV
 
     cfg = _config(root, cache_dir)
     if cold:

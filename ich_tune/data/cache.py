@@ -36,6 +36,7 @@ from ich_tune.data import pool
 from ich_tune.data.channels import channel_dtype, interpolates, parse_channels, to_channels
 from ich_tune.data.dicom import DicomError, image_id, read_slice
 from ich_tune.data.labels import read_labels
+from ich_tune.data.rsna import LABELS_CSV, TRAIN_DIR
 from ich_tune.errors import DataError
 from ich_tune.files import atomic
 from ich_tune.progress import bar
@@ -44,8 +45,6 @@ log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 MISSING = "no DICOM file"  # the skip reason of a labelled image whose file is not there
-TRAIN_DIR = "stage_2_train"
-LABELS_CSV = "stage_2_train.csv"
 DISK_MARGIN = 64 * 2**20  # left free after a build: the disk is shared with logs and checkpoints
 INDEX_BYTES_PER_IMAGE = 1024  # index.npz: id, labels, valid, z and three UIDs of up to 64 characters
 CHUNK = 64  # slices per task: enough to amortise its round trip, few enough to balance the workers

@@ -10,8 +10,9 @@ import numpy as np
 from filelock import FileLock
 
 from ich_tune.config.schema import DataConfig
-from ich_tune.data.cache import LABELS_CSV, ensure_cache, open_cache
+from ich_tune.data.cache import ensure_cache, open_cache
 from ich_tune.data.context import ContextCache, with_context
+from ich_tune.data.rsna import LABELS_CSV
 from ich_tune.data.split import describe_split, group_codes, patient_groups, split_by_group
 from ich_tune.errors import DataError
 

@@ -32,14 +32,10 @@ from ich_tune.data.phantom import (
     render_slice,
     ventricle_slices,
 )
+from ich_tune.data.rsna import LABELS_CSV, RSNA_ANY, RSNA_RATES, SUBMISSION_CSV, TEST_DIR, TRAIN_DIR
 from ich_tune.errors import DataError
 from ich_tune.files import atomic
 
-TRAIN_DIR, TEST_DIR = "stage_2_train", "stage_2_test"
-TRAIN_CSV, SUBMISSION_CSV = "stage_2_train.csv", "stage_2_sample_submission.csv"
-RSNA_ANY = 0.1440  # stage-1 label rates (FACTS.md); the subtype mix is kept at any positive_rate
-RSNA_RATES = {"epidural": 0.0040, "intraparenchymal": 0.0482, "intraventricular": 0.0352,
-              "subarachnoid": 0.0476, "subdural": 0.0630}
 SLICE_MM = 5.0
 ENCODINGS = {  # name: (BitsStored, PixelRepresentation, RescaleIntercept)
     "plain": (16, 0, -1024),
@@ -112,7 +108,7 @@ def generate(
                         "it will not mix synthetic slices into them. Choose a new or empty folder.")
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("synthetic RSNA-layout data written by ich_tune\n")
-    (out / TRAIN_CSV).unlink(missing_ok=True)
+    (out / LABELS_CSV).unlink(missing_ok=True)
     images = plan(studies, slices, size, seed, positive_rate, quirk_rate, test_studies, difficulty)
     for folder in (TRAIN_DIR, TEST_DIR):
         (out / folder).mkdir(parents=True, exist_ok=True)
@@ -132,7 +128,7 @@ def generate(
         part.write_bytes("\n".join(["ID,Label", *rows, ""]).encode())
     repeated = _duplicated(train, seed, quirk_rate)
     ids = train + repeated
-    with atomic(out / TRAIN_CSV) as part:
+    with atomic(out / LABELS_CSV) as part:
         write_labels(part, ids, np.array([labels[i] for i in ids], np.uint8))
     return _summary(images, labels, size, len(repeated))
 
@@ -306,6 +302,7 @@ def _plan_bleeds(
     ventricles, so it is only ever a secondary run within the ventricle slices.
     """
     total = n_studies * slices
+    # RSNA's subtype mix, at any positive_rate
     quota = {kind: positive_rate * rate / RSNA_ANY * total for kind, rate in RSNA_RATES.items()}
     zones = _zones(rng, n_studies, slices, round(positive_rate * total))
     runs: list[tuple[int, str, int, int]] = []  # study, kind, first, stop
