@@ -28,10 +28,10 @@ from tqdm import tqdm
 
 from ich_tune.config.schema import DataConfig, ExperimentConfig
 from ich_tune.data.cache import open_cache
-from ich_tune.data.context import neighbour_table, stack, with_context
 from ich_tune.data.folder import Folder, FolderImage, decode, readers, scan
 from ich_tune.data.labels import CLASSES, HEADER, read_labels
 from ich_tune.data.loader import validation_batches
+from ich_tune.data.neighbours import neighbour_table, stack_neighbours, with_neighbours
 from ich_tune.data.pool import Runner
 from ich_tune.data.prepare import load_splits, prepare_cache
 from ich_tune.data.rsna import LABELS_CSV, RSNA_ANY, RSNA_RATES
@@ -96,7 +96,7 @@ def _inputs(images: list[FolderImage], cfg: DataConfig, run: Runner, unreadable:
     """(image, [(2k+1) * C, S, S]) for every image that decodes, series after series.
 
     Each series is decoded once and its slices stacked with their neighbours by the rules training
-    uses (context.py), so a slice that does not decode is nobody's neighbour, here as in the cache.
+    uses (neighbours.py), so a slice that does not decode is nobody's neighbour, here as in the cache.
     """
     k = cfg.context
     for key, members in itertools.groupby(decode(images, cfg.channels, cfg.size, run),
@@ -111,7 +111,8 @@ def _inputs(images: list[FolderImage], cfg: DataConfig, run: Runner, unreadable:
         if good and k:
             table = neighbour_table(np.full(len(good), key), np.array([i.z for i, _ in good]),
                                     np.ones(len(good), bool), k)
-            good = zip([i for i, _ in good], stack(np.stack([a for _, a in good]), table), strict=True)
+            stacked = stack_neighbours(np.stack([a for _, a in good]), table)
+            good = zip([i for i, _ in good], stacked, strict=True)
         yield from good
 
 
@@ -287,7 +288,7 @@ def evaluate_split(model: torch.nn.Module, config: ExperimentConfig, split: str 
         splits = load_splits(cache_path, config.data)
         cache, indices = splits.cache, splits.val
     else:
-        cache = with_context(open_cache(cache_path), config.data.context)
+        cache = with_neighbours(open_cache(cache_path), config.data.context)
         indices = np.flatnonzero(cache.valid)
     progress = bar(len(indices), f"evaluate ({split})")
     batches = validation_batches(cache, indices, _batch_size(batch_size, config))

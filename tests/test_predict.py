@@ -19,9 +19,9 @@ from ich_tune.cli import main
 from ich_tune.config.schema import ExperimentConfig
 from ich_tune.data.cache import open_cache
 from ich_tune.data.channels import parse_channels, to_channels
-from ich_tune.data.context import with_context
 from ich_tune.data.labels import CLASSES, read_labels, write_labels
 from ich_tune.data.loader import validation_batches
+from ich_tune.data.neighbours import with_neighbours
 from ich_tune.data.prepare import load_splits, prepare_cache
 from ich_tune.data.rsna import RSNA_ANY, RSNA_RATES, SUBMISSION_CSV
 from ich_tune.errors import UserError
@@ -198,7 +198,7 @@ def test_training_with_context_feeds_the_neighbours_as_channels(trained_context)
 def loader_probs(model: torch.nn.Module, config: ExperimentConfig, alone: bool = False) -> dict:
     """Probabilities by id of every decoded slice of the config's dataset, through the training
     loader; with `alone`, every neighbour replaced by the slice itself."""
-    cache = with_context(open_cache(prepare_cache(config.data)), config.data.context)
+    cache = with_neighbours(open_cache(prepare_cache(config.data)), config.data.context)
     if alone:
         cache.neighbours = np.repeat(np.arange(len(cache.ids))[:, None], 3, axis=1)
     rows = np.flatnonzero(cache.valid)

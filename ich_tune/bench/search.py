@@ -286,7 +286,7 @@ def measure_step_time(search, steps: int = 10, budget_s: float = 20.0) -> tuple[
     step, `steps` steps or as many as fit in `budget_s` (a halfres step takes half a minute on a CPU)."""
     import torch
 
-    from ich_tune.data.context import input_channels
+    from ich_tune.data.neighbours import input_channels
     from ich_tune.models import build_model
     from ich_tune.training.device import place
     from ich_tune.training.optim import make_loss, make_optimizer

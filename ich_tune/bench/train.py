@@ -96,12 +96,12 @@ def bare_loop_rate(config, cache: Path, steps: int) -> float:
     import torch
 
     from ich_tune.data.cache import open_cache
-    from ich_tune.data.context import input_channels, with_context
     from ich_tune.data.loader import gather, to_float
+    from ich_tune.data.neighbours import input_channels, with_neighbours
     from ich_tune.models import build_model
     from ich_tune.training.optim import make_loss, make_optimizer
 
-    stacked = with_context(open_cache(cache), config.data.context)  # the batch training would see
+    stacked = with_neighbours(open_cache(cache), config.data.context)  # the batch training would see
     batch, _ = gather(stacked, np.arange(config.train.batch_size))
     labels = torch.zeros(config.train.batch_size, config.model.num_classes)
     model = build_model(config.model, in_channels=input_channels(config.data))

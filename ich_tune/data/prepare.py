@@ -11,7 +11,7 @@ from filelock import FileLock
 
 from ich_tune.config.schema import DataConfig
 from ich_tune.data.cache import ensure_cache, open_cache
-from ich_tune.data.context import ContextCache, with_context
+from ich_tune.data.neighbours import NeighbourCache, with_neighbours
 from ich_tune.data.rsna import LABELS_CSV
 from ich_tune.data.split import describe_split, group_codes, patient_groups, split_by_group
 from ich_tune.errors import DataError
@@ -52,7 +52,7 @@ def prepare_cache(cfg: DataConfig, rescan: bool = False) -> Path:
 
 @dataclass
 class Splits:
-    cache: ContextCache  # with the neighbours of data.context
+    cache: NeighbourCache  # with the neighbours of data.context
     train: np.ndarray  # slice indices into the cache
     val: np.ndarray
 
@@ -60,7 +60,7 @@ class Splits:
 def load_splits(cache_path: Path, cfg: DataConfig, quiet: bool = False) -> Splits:
     """Open the cache with its neighbour table for data.context and split its decodable slices by
     patient, saying what each part holds unless `quiet` (for a reader of the split alone)."""
-    cache = with_context(open_cache(cache_path), cfg.context)
+    cache = with_neighbours(open_cache(cache_path), cfg.context)
     valid = np.flatnonzero(cache.valid)
     groups = group_codes(patient_groups(cache.patient_ids[valid], cache.study_uids[valid]))
     train, val = split_by_group(groups, cfg.train_fraction, cfg.split_seed, cfg.folds, cfg.fold)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ich_tune.config.schema import ExperimentConfig, ModelConfig
-from ich_tune.data.context import input_channels
+from ich_tune.data.neighbours import input_channels
 from ich_tune.errors import UserError
 from ich_tune.files import atomic
 from ich_tune.models import arguments, build_model

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from ich_tune.config.schema import ExperimentConfig
-from ich_tune.data.context import input_channels
 from ich_tune.data.loader import TrainBatches, to_float, validation_batches
+from ich_tune.data.neighbours import input_channels
 from ich_tune.data.prepare import Splits, load_splits
 from ich_tune.errors import UserError
 from ich_tune.evaluation.metrics import compute_metrics
