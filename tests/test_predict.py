@@ -26,14 +26,9 @@ from ich_tune.data.prepare import load_splits, prepare_cache
 from ich_tune.data.rsna import RSNA_ANY, RSNA_RATES, SUBMISSION_CSV
 from ich_tune.errors import UserError
 from ich_tune.experiment import build_experiment
-from ich_tune.predict import (
-    SUBMISSION_CLIP,
-    evaluate_split,
-    kaggle_rows,
-    predict_dicom,
-    save_predictions,
-    write_submission,
-)
+from ich_tune.predict.evaluate import evaluate_split
+from ich_tune.predict.outputs import SUBMISSION_CLIP, kaggle_rows, save_predictions, write_submission
+from ich_tune.predict.scoring import predict_dicom
 from ich_tune.tracking.references import load_trained
 from ich_tune.training.device import place
 from ich_tune.training.loop import predict_batches, train

@@ -1,119 +1,34 @@
-"""A trained model on new slices: any folder of DICOM files scored, or metrics on labelled data.
-
-Slices are decoded exactly as the preprocessed cache decodes them (`read_hu`, then `to_channels` at
-the experiment's size and channels) and go through the training code's own inference loop
-(`predict_batches`), so a model sees at prediction time the pixels it was trained and validated on.
-A model trained with `data.context` gets each slice with its neighbours, found as training found
-them: the folder's series are rebuilt from the DICOM headers and ordered by z.
-
-A folder is written out in one of two forms: Kaggle's submission (six `ID_<hex>_<subtype>` rows
-per image), or a wide table of one row per image with its UIDs and place in its series, beside a
-summary of one row per study, which is what a reader of a hospital export wants first.
+"""A scored folder written out, in one of two forms: Kaggle's submission (six `ID_<hex>_<subtype>`
+rows per image), or a wide table of one row per image with its UIDs and place in its series, beside
+a summary of one row per study, which is what a reader of a hospital export wants first, and the
+files that could not be used.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import itertools
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-import torch
-from tqdm import tqdm
 
-from ich_tune.config.schema import DataConfig, ExperimentConfig
-from ich_tune.data.cache import open_cache
-from ich_tune.data.folder import Folder, FolderImage, decode, readers, scan
 from ich_tune.data.labels import CLASSES, HEADER, read_labels
-from ich_tune.data.loader import validation_batches
-from ich_tune.data.neighbours import neighbour_table, stack_neighbours, with_neighbours
-from ich_tune.data.pool import Runner
-from ich_tune.data.prepare import load_splits, prepare_cache
 from ich_tune.data.rsna import LABELS_CSV, RSNA_ANY, RSNA_RATES
 from ich_tune.errors import DataError, UserError
-from ich_tune.evaluation.metrics import compute_metrics
 from ich_tune.files import atomic
-from ich_tune.progress import bar
-from ich_tune.training.device import place
-from ich_tune.training.loop import predict_batches
+from ich_tune.predict.scoring import FolderPrediction
 
 log = logging.getLogger(__name__)
 
 SUBMISSION_CLIP = 1e-6  # competition practice: a confident mistake must not cost an infinite log loss
-SPLITS = ("val", "all")
 IMAGE_COLUMNS = ("file", "image_id", "patient_id", "study_uid", "series_uid", "instance_uid",
                  "instance_number", "z", "slice")
 STUDY_COLUMNS = ("study_uid", "patient_id", "images", "unreadable", "max_any", "max_any_image",
                  "max_any_file")
 SHOWN = 10  # studies and unusable files printed; the files written hold them all
-
-
-@dataclass
-class FolderPrediction:
-    """A scored folder: the images that decoded, in series order, and their probabilities."""
-
-    folder: Folder
-    images: list[FolderImage]
-    probs: np.ndarray  # [len(images), 6], CLASSES order
-    unreadable: dict[str, str]  # file -> reason: images whose header or pixels could not be used
-
-
-def predict_dicom(model: torch.nn.Module, config: ExperimentConfig, dicom_dir: Path,
-                  batch_size: int | None = None, workers: int | None = None) -> FolderPrediction:
-    """Probabilities for every CT slice under `dicom_dir`, at any depth and under any name.
-
-    Headers and pixels are read by `workers` processes (default: one per core); batches go to the
-    model as they are decoded. `batch_size` defaults to the training batch size, which is known to
-    fit in memory.
-    """
-    step = _batch_size(batch_size, config)
-    with readers(workers) as run:
-        folder = scan(Path(dicom_dir), run)
-        unreadable = dict(folder.unreadable)
-        todo = [image for image in folder.images if image.file not in unreadable]
-        progress = bar(len(todo), "predict")
-        decoded: list[FolderImage] = []
-
-        def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-            stream = _inputs(todo, config.data, run, unreadable, progress)
-            while chunk := list(itertools.islice(stream, step)):
-                decoded.extend(image for image, _ in chunk)
-                images = np.stack([array for _, array in chunk])
-                yield torch.from_numpy(images), torch.zeros(len(chunk), 0)  # no labels here
-
-        probs, _ = _predict(model, config, batches())
-        progress.close()
-    return FolderPrediction(folder, decoded, probs, unreadable)
-
-
-def _inputs(images: list[FolderImage], cfg: DataConfig, run: Runner, unreadable: dict[str, str],
-            progress: tqdm) -> Iterator[tuple[FolderImage, np.ndarray]]:
-    """(image, [(2k+1) * C, S, S]) for every image that decodes, series after series.
-
-    Each series is decoded once and its slices stacked with their neighbours by the rules training
-    uses (neighbours.py), so a slice that does not decode is nobody's neighbour, here as in the cache.
-    """
-    k = cfg.context
-    for key, members in itertools.groupby(decode(images, cfg.channels, cfg.size, run),
-                                          key=lambda pair: pair[0].series_key):
-        good = []
-        for image, result in members:
-            progress.update(1)
-            if isinstance(result, str):
-                unreadable[image.file] = result
-            else:
-                good.append((image, result))
-        if good and k:
-            table = neighbour_table(np.full(len(good), key), np.array([i.z for i, _ in good]),
-                                    np.ones(len(good), bool), k)
-            stacked = stack_neighbours(np.stack([a for _, a in good]), table)
-            good = zip([i for i, _ in good], stacked, strict=True)
-        yield from good
 
 
 def kaggle_rows(prediction: FolderPrediction) -> tuple[list[str], np.ndarray, dict[str, str]]:
@@ -275,47 +190,3 @@ def _write(path: Path, text: str, what: str) -> None:
             partial.write_text(text)
     except OSError as err:
         raise UserError(f"{path}: cannot write {what} ({err.strerror or err}).") from None
-
-
-def evaluate_split(model: torch.nn.Module, config: ExperimentConfig, split: str = "val",
-                   batch_size: int | None = None) -> dict[str, float]:
-    """`compute_metrics` on the experiment's labelled data: its validation split (the patients
-    training held out, split as training split them) or, with split "all", every decoded slice."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    cache_path = prepare_cache(config.data)
-    if split == "val":
-        splits = load_splits(cache_path, config.data)
-        cache, indices = splits.cache, splits.val
-    else:
-        cache = with_neighbours(open_cache(cache_path), config.data.context)
-        indices = np.flatnonzero(cache.valid)
-    progress = bar(len(indices), f"evaluate ({split})")
-    batches = validation_batches(cache, indices, _batch_size(batch_size, config))
-    probs, labels = _predict(model, config, _counted(batches, progress))
-    progress.close()
-    return compute_metrics(probs, labels)
-
-
-def _batch_size(asked: int | None, config: ExperimentConfig) -> int:
-    if asked is not None and asked < 1:
-        raise UserError(f"--batch-size {asked}: must be at least 1.")
-    return asked or config.train.batch_size
-
-
-def _predict(model: torch.nn.Module, config: ExperimentConfig,
-             batches: Iterable) -> tuple[np.ndarray, np.ndarray]:
-    """`predict_batches` on the best device with the training precision; copes with no batches."""
-    placement = place(config.train)
-    placement.model(model)
-    batches = iter(batches)
-    first = next(batches, None)
-    if first is None:  # every file unreadable
-        return np.empty((0, len(CLASSES))), np.empty((0, len(CLASSES)))
-    return predict_batches(model, itertools.chain([first], batches), placement)
-
-
-def _counted(batches: Iterable, progress: tqdm) -> Iterator:
-    for images, labels in batches:
-        yield images, labels
-        progress.update(len(images))
