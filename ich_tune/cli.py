@@ -184,7 +184,8 @@ def _resume_command(args: argparse.Namespace, run_name: str) -> str:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     # loaded by this verb only: the CLI starts without torch, Ray or MLflow
-    from ich_tune.predict import predict_dicom, save_predictions
+    from ich_tune.predict.outputs import save_predictions
+    from ich_tune.predict.scoring import predict_dicom
     from ich_tune.tracking.references import load_trained
 
     if args.out.is_dir():  # found now, not after the whole folder has been predicted
@@ -203,7 +204,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     # loaded by this verb only: the CLI starts without torch, Ray or MLflow
     from ich_tune.evaluation.metrics import format_metrics
-    from ich_tune.predict import evaluate_split
+    from ich_tune.predict.evaluate import evaluate_split
     from ich_tune.tracking.references import load_trained
 
     model, config = load_trained(args.model, args.tracking_uri, args.config)

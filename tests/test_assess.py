@@ -79,7 +79,7 @@ def test_a_checkpoint_keeps_its_calibration(tmp_path, tiny_config):
     config = tiny_config()
     import torch
 
-    from ich_tune.data.context import input_channels
+    from ich_tune.data.neighbours import input_channels
     from ich_tune.models import build_model
     from ich_tune.training.checkpoint import load_checkpoint, save_checkpoint
 

@@ -26,18 +26,12 @@ import numpy as np
 import pytest
 
 from ich_tune.config.schema import DataConfig, SyntheticConfig
-from ich_tune.data.cache import (
-    DISK_MARGIN,
-    LABELS_CSV,
-    TRAIN_DIR,
-    ensure_cache,
-    find_dicom_files,
-    open_cache,
-)
+from ich_tune.data.cache import DISK_MARGIN, ensure_cache, find_dicom_files, open_cache
 from ich_tune.data.channels import parse_channels, to_channels
 from ich_tune.data.dicom import read_header, read_hu
 from ich_tune.data.labels import read_labels
 from ich_tune.data.prepare import prepare_cache, resolve_root
+from ich_tune.data.rsna import LABELS_CSV, TRAIN_DIR
 from ich_tune.data.synthetic import generate
 from ich_tune.errors import DataError
 
@@ -64,10 +58,6 @@ def config(root: Path, cache_dir: Path, **changes) -> DataConfig:
     """64 px, one worker (the machine may have two shared cores), the corrupt file tolerated."""
     base = DataConfig(root=str(root), cache_dir=str(cache_dir), full_size=64, workers=1, max_bad_fraction=0.5)
     return dataclasses.replace(base, **changes)
-
-
-def quiet(*_args) -> None:
-    pass
 
 
 def complete_folders(cache_dir: Path) -> list[Path]:
@@ -126,13 +116,20 @@ def open_once_read(pipe: Path, builder: Builder) -> int:
         time.sleep(0.01)
 
 
-def blocked_in_flock(pid: int) -> bool:
-    """Whether a thread of process `pid` waits for a flock, as the kernel lists it ("->" marks waiters)."""
-    for line in Path("/proc/locks").read_text().splitlines():
-        fields = line.split()
-        if fields[1:3] == ["->", "FLOCK"] and str(pid) in fields:
-            return True
-    return False
+def refused_flocks(monkeypatch) -> threading.Event:
+    """Set once a flock is refused to one that asked without blocking, as filelock asks while it waits."""
+    refused = threading.Event()
+    real = fcntl.flock
+
+    def flock(fd, operation) -> None:
+        try:
+            real(fd, operation)
+        except BlockingIOError:
+            refused.set()
+            raise
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    return refused
 
 
 def size_in_bytes(number: str, unit: str) -> float:
@@ -149,7 +146,7 @@ def data(tmp_path_factory) -> tuple[Path, dict]:
 @pytest.fixture(scope="module")
 def hu_cache(data, tmp_path_factory) -> Path:
     root, _ = data
-    return ensure_cache(config(root, tmp_path_factory.mktemp("cache"), workers=2), root, quiet)
+    return ensure_cache(config(root, tmp_path_factory.mktemp("cache"), workers=2), root)
 
 
 @pytest.fixture
@@ -181,7 +178,7 @@ def test_hu_cache_equals_decoding_every_file(data, hu_cache):
 
 def test_window_cache_is_uint8_and_equals_decoding(data, tmp_path):
     root, _ = data
-    cache = open_cache(ensure_cache(config(root, tmp_path, channels=WINDOWS, lod=1), root, quiet))
+    cache = open_cache(ensure_cache(config(root, tmp_path, channels=WINDOWS, lod=1), root))
     assert cache.images.shape == (len(cache.ids), 3, 32, 32)
     assert cache.images.dtype == np.uint8
     files = find_dicom_files(root)
@@ -190,7 +187,7 @@ def test_window_cache_is_uint8_and_equals_decoding(data, tmp_path):
         np.testing.assert_array_equal(cache.images[index], expected)
 
 
-def test_second_call_reuses_the_cache(data, hu_cache):
+def test_second_call_reuses_the_cache(data, hu_cache, said):
     root, _ = data
     manifest = hu_cache / "manifest.json"
 
@@ -199,23 +196,21 @@ def test_second_call_reuses_the_cache(data, hu_cache):
         return manifest.stat().st_mtime_ns, entries
 
     before = state()
-    lines = []
-    again = ensure_cache(config(root, hu_cache.parent, workers=2), root, lines.append)
+    again = ensure_cache(config(root, hu_cache.parent, workers=2), root)
     assert again == hu_cache
     assert state() == before
-    assert lines == []
+    assert said == []
 
 
-def test_what_changes_the_bytes_changes_the_key(fresh_data, tmp_path):
+def test_what_changes_the_bytes_changes_the_key(fresh_data, tmp_path, said):
     """Every input of the cache's bytes gets its own folder; settings that do not, share one."""
-    lines = []
     base = config(fresh_data, tmp_path / "cache", channels=["brain", "bone"])
 
     def folder(cfg: DataConfig = base, rescan: bool = False) -> Path:
-        return ensure_cache(cfg, fresh_data, lines.append, rescan)
+        return ensure_cache(cfg, fresh_data, rescan)
 
     def builds() -> int:
-        return sum(line.startswith("preprocess: ") and "slices of" in line for line in lines)
+        return sum(line.startswith("preprocess: ") and "slices of" in line for line in said)
 
     first = folder()
     same = [dataclasses.replace(base, **change) for change in (
@@ -255,18 +250,18 @@ def test_what_changes_the_bytes_changes_the_key(fresh_data, tmp_path):
 
 def test_changed_file_is_never_read_stale(fresh_data, tmp_path):
     cfg = config(fresh_data, tmp_path)
-    old = open_cache(ensure_cache(cfg, fresh_data, quiet))
+    old = open_cache(ensure_cache(cfg, fresh_data))
     files = find_dicom_files(fresh_data)
     target, source = old.ids[0], old.ids[1]
     shutil.copyfile(files[source], files[target])  # same size, other pixels
-    new = open_cache(ensure_cache(cfg, fresh_data, quiet, rescan=True))  # rewritten in place: --rescan
+    new = open_cache(ensure_cache(cfg, fresh_data, rescan=True))  # rewritten in place: --rescan
     assert new.path != old.path
     expected = to_channels(read_hu(files[source]), parse_channels("hu"), 64)
     assert not np.array_equal(old.images[0], expected)
     np.testing.assert_array_equal(new.images[0], expected)
 
 
-def test_killed_build_never_looks_complete(fresh_data, tmp_path):
+def test_killed_build_never_looks_complete(fresh_data, tmp_path, said):
     """A build held mid-decoding (a worker blocked reading a named pipe) and killed there with SIGKILL
     to its process group leaves no complete cache; the next build removes its leftovers and succeeds."""
     files = find_dicom_files(fresh_data)
@@ -301,9 +296,8 @@ def test_killed_build_never_looks_complete(fresh_data, tmp_path):
     pipe.unlink()
     pipe.touch()
     os.utime(pipe, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    lines = []
-    path = ensure_cache(config(fresh_data, cache_dir), fresh_data, lines.append)
-    assert any(line.startswith("preprocess:") for line in lines)  # rebuilt, not adopted
+    path = ensure_cache(config(fresh_data, cache_dir), fresh_data)
+    assert any(line.startswith("preprocess:") for line in said)  # rebuilt, not adopted
     assert path.name == key
     assert complete_folders(cache_dir) == [path]
     assert partial_folders(cache_dir) == []
@@ -313,53 +307,51 @@ def test_killed_build_never_looks_complete(fresh_data, tmp_path):
     assert manifest["skipped"][pipe_id].startswith("not a DICOM file")
 
 
-@pytest.mark.skipif(not Path("/proc/locks").is_file(), reason="needs Linux's /proc/locks")
-def test_second_builder_waits_for_the_lock_and_uses_the_first_cache(fresh_data, tmp_path):
+def test_second_builder_waits_for_the_lock_and_uses_the_first_cache(fresh_data, tmp_path, monkeypatch, said):
     """The test plays the first builder: it holds the key's lock while the cache is not complete.
-    The second must wait in flock, build nothing, and once the lock is released find the cache."""
+    The second must wait for the lock, build nothing, and once the lock is released find the cache."""
     cache_dir = tmp_path / "cache"
     cfg = config(fresh_data, cache_dir)
-    path = ensure_cache(cfg, fresh_data, quiet)
+    path = ensure_cache(cfg, fresh_data)
     built = (path / "manifest.json").stat().st_mtime_ns
     aside = tmp_path / "aside"
     path.rename(aside)  # not complete any more, as while the first build runs
-    lines: list[str] = []
+    said.clear()
     outcome: dict = {}
 
     def second_builder() -> None:
         try:
-            outcome["path"] = ensure_cache(cfg, fresh_data, lines.append)
+            outcome["path"] = ensure_cache(cfg, fresh_data)
         except BaseException as err:
             outcome["error"] = err
 
     thread = threading.Thread(target=second_builder, daemon=True)
     with open(cache_dir / f"{path.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        refused = refused_flocks(monkeypatch)
         try:
             thread.start()
             deadline = time.monotonic() + 60
-            while not blocked_in_flock(os.getpid()):
+            while not refused.wait(0.01):
                 assert thread.is_alive(), f"the second builder did not wait: {outcome}"
                 assert time.monotonic() < deadline, "the second builder never waited for the lock"
-                time.sleep(0.01)
             assert thread.is_alive() and outcome == {}
-            assert lines == [] and partial_folders(cache_dir) == [] and complete_folders(cache_dir) == []
+            assert said == [] and partial_folders(cache_dir) == [] and complete_folders(cache_dir) == []
             aside.rename(path)  # the first build finishes: its cache is in place
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     thread.join(120)
     assert not thread.is_alive()
     assert outcome == {"path": path}
-    assert lines == []  # found complete, not built a second time
+    assert said == []  # found complete, not built a second time
     assert (path / "manifest.json").stat().st_mtime_ns == built
     assert complete_folders(cache_dir) == [path]
     assert partial_folders(cache_dir) == []
 
 
-def test_build_prints_its_size_estimate(fresh_data, tmp_path):
-    lines = []
-    path = ensure_cache(config(fresh_data, tmp_path / "cache"), fresh_data, lines.append)
-    [line] = [line for line in lines if line.startswith("preprocess: ") and "slices of" in line]
+def test_build_prints_its_size_estimate(fresh_data, tmp_path, said):
+    path = ensure_cache(config(fresh_data, tmp_path / "cache"), fresh_data)
+    [line] = [line for line in said if line.startswith("preprocess: ") and "slices of" in line]
     found = re.search(r"; about ([\d.]+) (\w+) on disk, ([\d.]+) (\w+) free\)$", line)
     assert found, line
     estimate, free = size_in_bytes(*found.group(1, 2)), size_in_bytes(*found.group(3, 4))
@@ -384,7 +376,7 @@ def test_disk_without_room_is_refused_before_anything_is_written(fresh_data, tmp
 
     monkeypatch.setattr(shutil, "disk_usage", tiny_disk)
     with pytest.raises(DataError) as caught:
-        ensure_cache(config(fresh_data, cache_dir), fresh_data, quiet)
+        ensure_cache(config(fresh_data, cache_dir), fresh_data)
     message = str(caught.value)
     assert message.startswith(f"{cache_dir}: not enough disk space for the preprocessed cache.")
     needed = int(re.search(r"needs about [\d.]+ \w+ \(([\d,]+) bytes\)", message).group(1).replace(",", ""))
@@ -404,16 +396,16 @@ def test_leftovers_of_a_killed_build_count_as_room(fresh_data, tmp_path, monkeyp
     cache_dir = tmp_path / "cache"
     cfg = config(fresh_data, cache_dir)
     elsewhere = dataclasses.replace(cfg, cache_dir=str(tmp_path / "elsewhere"))
-    key = ensure_cache(elsewhere, fresh_data, quiet).name  # the same key: cache_dir is not part of it
+    key = ensure_cache(elsewhere, fresh_data).name  # the same key: cache_dir is not part of it
     real = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: real._replace(free=0))
     with pytest.raises(DataError) as caught:
-        ensure_cache(cfg, fresh_data, quiet)
+        ensure_cache(cfg, fresh_data)
     needed = int(re.search(r"\(([\d,]+) bytes\) plus", str(caught.value)).group(1).replace(",", ""))
     leftover = cache_dir / f"{key}.partial-99999"
     leftover.mkdir(parents=True)
     (leftover / "images.npy").write_bytes(b"\1" * (needed + DISK_MARGIN))  # real blocks, not sparse
-    assert ensure_cache(cfg, fresh_data, quiet) == cache_dir / key
+    assert ensure_cache(cfg, fresh_data) == cache_dir / key
     assert partial_folders(cache_dir) == []
 
 
@@ -432,7 +424,7 @@ def test_too_many_bad_images_fail_without_a_cache(data, tmp_path):
     root, _ = data
     strict = 0.5 / len(find_dicom_files(root))  # the one corrupt file is already too many
     with pytest.raises(DataError, match="max_bad_fraction") as caught:
-        ensure_cache(config(root, tmp_path, max_bad_fraction=strict), root, quiet)
+        ensure_cache(config(root, tmp_path, max_bad_fraction=strict), root)
     assert "truncated pixel data" in str(caught.value)
     assert complete_folders(tmp_path) == []
     assert partial_folders(tmp_path) == []
@@ -447,7 +439,7 @@ def test_bad_fraction_error_shows_the_undecodable_files(tmp_path):
     for gone in [name for name in sorted(files) if name != truncated][:3]:
         files[gone].unlink()
     with pytest.raises(DataError, match="max_bad_fraction") as caught:
-        ensure_cache(config(root, tmp_path / "cache", max_bad_fraction=0.001), root, quiet)
+        ensure_cache(config(root, tmp_path / "cache", max_bad_fraction=0.001), root)
     assert f"{truncated}: truncated pixel data" in str(caught.value)
 
 
@@ -457,14 +449,14 @@ def test_stricter_max_bad_fraction_applies_to_an_existing_cache(data, hu_cache):
     root, _ = data
     strict = 0.5 / len(find_dicom_files(root))
     with pytest.raises(DataError, match="max_bad_fraction"):
-        ensure_cache(config(root, hu_cache.parent, max_bad_fraction=strict), root, quiet)
+        ensure_cache(config(root, hu_cache.parent, max_bad_fraction=strict), root)
 
 
 def test_labelled_image_without_a_file_is_counted(fresh_data, tmp_path):
     files = find_dicom_files(fresh_data)
     gone = sorted(files)[2]
     files[gone].unlink()
-    cache = open_cache(ensure_cache(config(fresh_data, tmp_path), fresh_data, quiet))
+    cache = open_cache(ensure_cache(config(fresh_data, tmp_path), fresh_data))
     assert cache.manifest["labelled_without_file"] == 1
     assert cache.manifest["skipped"] == {gone: "no DICOM file"}
     assert gone not in set(cache.ids)
@@ -479,28 +471,27 @@ def test_open_cache_maps_images_read_only(hu_cache):
         cache.images[0, 0, 0, 0] = 1
 
 
-def test_prepare_generates_synthetic_data_once(tmp_path):
+def test_prepare_generates_synthetic_data_once(tmp_path, said):
     root = tmp_path / "new"
     synthetic = SyntheticConfig(studies=2, slices=3, size=32, seed=1, quirk_rate=0.0)
     cfg = config(root, tmp_path / "cache", synthetic=synthetic, full_size=32)
-    lines = []
-    path = prepare_cache(cfg, lines.append)
-    assert any("synthetic" in line and str(root) in line for line in lines)
+    path = prepare_cache(cfg)
+    assert any("synthetic" in line and str(root) in line for line in said)
     assert open_cache(path).images.shape == (6, 1, 32, 32)
     csv_mtime = (root / LABELS_CSV).stat().st_mtime_ns
-    lines.clear()
-    assert prepare_cache(cfg, lines.append) == path
-    assert lines == []
+    said.clear()
+    assert prepare_cache(cfg) == path
+    assert said == []
     assert (root / LABELS_CSV).stat().st_mtime_ns == csv_mtime
 
 
 def test_missing_data_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="--data-root"):
-        resolve_root(DataConfig(), quiet)
+        resolve_root(DataConfig())
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DataError) as caught:
-        resolve_root(DataConfig(root=str(empty)), quiet)
+        resolve_root(DataConfig(root=str(empty)))
     message = str(caught.value)
     assert str(empty) in message and LABELS_CSV in message
     assert f"demo-data --out {empty}" in message
@@ -517,5 +508,5 @@ def test_synthetic_data_is_never_written_into_a_foreign_folder(tmp_path):
     before = sorted(root.rglob("*"))
     cfg = DataConfig(root=str(root), synthetic=SyntheticConfig(studies=2, slices=1, size=32))
     with pytest.raises(DataError, match=re.escape(str(root))):
-        resolve_root(cfg, quiet)
+        resolve_root(cfg)
     assert sorted(root.rglob("*")) == before

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
-from ich_tune.data.folder import AHEAD, DECODE_CHUNK, FolderImage, decode, readers
+from ich_tune.data.folder import DECODE_CHUNK, FolderImage, decode, readers
+from ich_tune.data.pool import AHEAD
 
 CHANNELS, SIZE = ["brain", "subdural", "bone"], 64
 SHARED_MEMORY = Path("/dev/shm")  # where Linux keeps multiprocessing.shared_memory's blocks
@@ -65,3 +66,19 @@ def test_reading_stopped_midway_leaves_no_shared_memory(slices):
         del stream
         assert shared_blocks() == before
     assert first[0][0] == slices[0] and first[0][1].shape == (3, SIZE, SIZE)
+
+
+def test_slices_only_torch_resizes_are_decoded_by_the_parent_as_one_process_decodes_them(slices):
+    """At 48 px no slice is a multiple of the size: the workers, which never import torch, leave
+    every one to the parent."""
+    with readers(1) as run:
+        expected = list(decode(slices, CHANNELS, 48, run))
+    with readers(2) as run:
+        got = list(decode(slices, CHANNELS, 48, run))
+    assert [image for image, _ in got] == slices
+    for (image, want), (_, have) in zip(expected, got, strict=True):
+        if isinstance(want, str):
+            assert have == want
+        else:
+            assert have.shape == (3, 48, 48)
+            np.testing.assert_array_equal(have, want, err_msg=image.image_id)

@@ -17,8 +17,8 @@ import torch
 
 from ich_tune.config.schema import DataConfig
 from ich_tune.data.cache import Cache, ensure_cache, open_cache
-from ich_tune.data.context import with_context
 from ich_tune.data.loader import TrainBatches, validation_batches
+from ich_tune.data.neighbours import with_neighbours
 from ich_tune.data.prepare import load_splits
 from ich_tune.data.synthetic import generate
 
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # RSN
 def build(root, cache_dir, channels) -> Cache:
     cfg = DataConfig(root=str(root), cache_dir=str(cache_dir), full_size=64, lod=1, channels=channels,
                      workers=1, max_bad_fraction=0.5)
-    return open_cache(ensure_cache(cfg, root, lambda *_: None))
+    return open_cache(ensure_cache(cfg, root))
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def cache(caches) -> Cache:
 
 @pytest.fixture(scope="module")
 def splits(cache):
-    return load_splits(cache.path, DataConfig(), lambda *_: None)
+    return load_splits(cache.path, DataConfig())
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +171,7 @@ def true_neighbours(cache: Cache, row: int, k: int) -> list[int]:
 def test_context_validation_batches_hold_each_slice_with_its_neighbours(caches, splits):
     cache = caches["windows"]  # 2 windows per slice
     assert not cache.valid.all()  # a slice that did not decode, which must be nobody's neighbour
-    batches = list(validation_batches(with_context(cache, 1), splits.val, batch_size=4))
+    batches = list(validation_batches(with_neighbours(cache, 1), splits.val, batch_size=4))
     images = torch.cat([x for x, _ in batches]).numpy()
     assert images.shape == (len(splits.val), 6, 32, 32) and images.dtype == np.uint8
     np.testing.assert_array_equal(torch.cat([y for _, y in batches]).numpy(), cache.labels[splits.val])
@@ -191,7 +191,7 @@ def test_context_training_batches_hold_each_slice_with_its_neighbours(caches, sp
     cache = caches["windows"]
     row_of = {cache.images[i].tobytes(): int(i) for i in np.flatnonzero(cache.valid)}
     assert len(row_of) == cache.valid.sum()
-    batches = TrainBatches(with_context(cache, 2), splits.train, batch_size=5, seed=0)
+    batches = TrainBatches(with_neighbours(cache, 2), splits.train, batch_size=5, seed=0)
     for images, labels in islice(batches, 2 * batches.batches_per_epoch):
         assert images.shape == (5, 10, 32, 32)
         rows = [row_of[image[4:6].numpy().tobytes()] for image in images]  # group 2 of 5: the slice
@@ -204,7 +204,7 @@ def test_context_training_batches_hold_each_slice_with_its_neighbours(caches, sp
 @pytest.mark.parametrize("kind", ["hu", "windows"])
 def test_context_zero_gives_the_batches_of_before(caches, splits, kind):
     cache = caches[kind]
-    zero = with_context(cache, 0)
+    zero = with_neighbours(cache, 0)
     for augment in (False, True):
         plain = list(islice(TrainBatches(cache, splits.train, batch_size=6, seed=5, augment=augment), 8))
         assert same_batches(list(islice(TrainBatches(zero, splits.train, batch_size=6, seed=5,
@@ -218,6 +218,6 @@ def test_augment_moves_the_neighbours_with_their_slice(caches, splits):
     2D augmented slice."""
     cache = caches["windows"]
     plain = TrainBatches(cache, splits.train, batch_size=6, seed=4, augment=True)
-    stacked = TrainBatches(with_context(cache, 1), splits.train, batch_size=6, seed=4, augment=True)
+    stacked = TrainBatches(with_neighbours(cache, 1), splits.train, batch_size=6, seed=4, augment=True)
     for (images, labels), (wide, wide_labels) in zip(islice(plain, 4), islice(stacked, 4), strict=True):
         assert torch.equal(wide[:, 2:4], images) and torch.equal(wide_labels, labels)

@@ -23,7 +23,6 @@ import pytest
 import yaml
 
 from tests.conftest import Cli, free_port, shared_cache, tiny_tree, write_space
-from tests.test_cache import blocked_in_flock
 
 TOKEN = secrets.token_hex(16)
 
@@ -219,17 +218,35 @@ def test_rescan_reaches_every_node(ray_cluster, tiny_rsna, tiny_config, tmp_path
     for folder in (root, *root.rglob("*")):  # changed long ago: the cheap check trusts it
         os.utime(folder, (time.time() - 60, time.time() - 60))
     cfg = tiny_config(data={"root": str(root)})
-    old = open_cache(prepare_cache(cfg.data, print))
+    old = open_cache(prepare_cache(cfg.data))
     files = find_dicom_files(root)
     shutil.copyfile(files[old.ids[1]], files[old.ids[0]])  # the folder's mtime stays: only a rescan sees it
     DataOnNodes([cfg.data], rescan=True).prepare({"cpu": 1, "gpu": 0})
     assert len(complete_caches(tmp_path / "cache")) == 2
 
 
-@pytest.mark.skipif(not Path("/proc/locks").is_file(), reason="needs Linux's /proc/locks")
+REFUSED = "test: flock refused"
+ANNOUNCE_REFUSED = f"""
+import fcntl
+
+_flock = fcntl.flock
+
+
+def _announced(fd, operation):
+    try:
+        _flock(fd, operation)
+    except BlockingIOError:
+        print({REFUSED!r}, flush=True)
+        raise
+
+
+fcntl.flock = _announced
+"""  # a sitecustomize.py: filelock waits for a held lock by asking for it again without blocking
+
+
 def test_two_processes_building_one_cache_at_once_leave_one_valid_cache(tiny_rsna, tmp_path):
     """Two `preprocess` processes start on a cache dir whose build lock is held, as by a third builder:
-    both wait in flock, then one builds and the other finds its cache."""
+    both wait for the lock, then one builds and the other finds its cache."""
     from ich_tune.data.cache import open_cache
     from ich_tune.data.prepare import prepare_cache
     from ich_tune.experiment import build_experiment
@@ -238,16 +255,20 @@ def test_two_processes_building_one_cache_at_once_leave_one_valid_cache(tiny_rsn
     tree = tiny_tree(tiny_rsna, cache_dir, data={"workers": 1})
     experiment = tmp_path / "experiment.yaml"
     experiment.write_text(yaml.safe_dump(tree))
-    path = prepare_cache(build_experiment(tree, {}).data, log=lambda *_: None)  # to learn the key
+    path = prepare_cache(build_experiment(tree, {}).data)  # to learn the key
     shutil.rmtree(path)
     with open(cache_dir / f"{path.name}.lock", "w") as lock, contextlib.ExitStack() as stack:
         import fcntl
 
         fcntl.flock(lock, fcntl.LOCK_EX)
-        builders = [stack.enter_context(Cli("preprocess", str(experiment), log=tmp_path / f"build{i}.log"))
-                    for i in range(2)]
+        hook = tmp_path / "hook"
+        hook.mkdir()
+        (hook / "sitecustomize.py").write_text(ANNOUNCE_REFUSED)
+        hooked = {"PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
+        builders = [stack.enter_context(Cli("preprocess", str(experiment), log=tmp_path / f"build{i}.log",
+                                            env=hooked)) for i in range(2)]
         deadline = time.monotonic() + 120
-        while not all(blocked_in_flock(b.process.pid) for b in builders):
+        while not all(REFUSED in b.output for b in builders):
             assert all(b.process.poll() is None for b in builders), [b.output for b in builders]
             assert time.monotonic() < deadline, "the builders never waited for the lock"
             time.sleep(0.05)

@@ -19,21 +19,16 @@ from ich_tune.cli import main
 from ich_tune.config.schema import ExperimentConfig
 from ich_tune.data.cache import open_cache
 from ich_tune.data.channels import parse_channels, to_channels
-from ich_tune.data.context import with_context
 from ich_tune.data.labels import CLASSES, read_labels, write_labels
 from ich_tune.data.loader import validation_batches
+from ich_tune.data.neighbours import with_neighbours
 from ich_tune.data.prepare import load_splits, prepare_cache
-from ich_tune.data.synthetic import RSNA_ANY, RSNA_RATES, SUBMISSION_CSV
+from ich_tune.data.rsna import RSNA_ANY, RSNA_RATES, SUBMISSION_CSV
 from ich_tune.errors import UserError
 from ich_tune.experiment import build_experiment
-from ich_tune.predict import (
-    SUBMISSION_CLIP,
-    evaluate_split,
-    kaggle_rows,
-    predict_dicom,
-    save_predictions,
-    write_submission,
-)
+from ich_tune.predict.evaluate import evaluate_split
+from ich_tune.predict.outputs import SUBMISSION_CLIP, kaggle_rows, save_predictions, write_submission
+from ich_tune.predict.scoring import predict_dicom
 from ich_tune.tracking.references import load_trained
 from ich_tune.training.device import place
 from ich_tune.training.inference import predict_batches
@@ -62,20 +57,16 @@ def read_dicts(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def quiet(*_) -> None:
-    pass
-
-
 def predict_folder(model: torch.nn.Module, config: ExperimentConfig, dicom_dir: Path,
-                   batch_size: int | None = None, log=print, workers: int | None = None
+                   batch_size: int | None = None, workers: int | None = None
                    ) -> tuple[list[str], np.ndarray, dict[str, str]]:
     """The Kaggle view of `predict_dicom`: ids sorted, probabilities [N, 6], and unreadable id -> reason."""
-    return kaggle_rows(predict_dicom(model, config, dicom_dir, batch_size, workers), log)
+    return kaggle_rows(predict_dicom(model, config, dicom_dir, batch_size, workers))
 
 
 def test_submission_matches_the_sample_submission(trained, tiny_rsna, tmp_path):
     _, model, config = trained
-    ids, probs, unreadable = predict_folder(model, config, tiny_rsna / "stage_2_test", 4, log=quiet)
+    ids, probs, unreadable = predict_folder(model, config, tiny_rsna / "stage_2_test", 4)
     assert not unreadable and probs.shape == (len(ids), 6)
     write_submission(tmp_path / "submission.csv", ids, probs)
     rows = read_rows(tmp_path / "submission.csv")
@@ -105,8 +96,8 @@ def test_submission_that_cannot_be_written_is_a_user_error(tmp_path):
 def test_predictions_see_the_pixels_training_saw(trained, tiny_rsna):
     """The same slice, decoded for prediction and from the training cache, gives the same output."""
     _, model, config = trained
-    ids, probs, unreadable = predict_folder(model, config, tiny_rsna / "stage_2_train", 8, log=quiet)
-    cache = open_cache(prepare_cache(config.data, log=quiet))
+    ids, probs, unreadable = predict_folder(model, config, tiny_rsna / "stage_2_train", 8)
+    cache = open_cache(prepare_cache(config.data))
     assert unreadable and set(unreadable) == set(cache.manifest["skipped"])  # the truncated file
     rows = np.flatnonzero(cache.valid)
     images = torch.from_numpy(cache.images[rows]).float() / 255.0
@@ -116,33 +107,32 @@ def test_predictions_see_the_pixels_training_saw(trained, tiny_rsna):
     np.testing.assert_allclose(probs[[where[i] for i in cache.ids[rows]]], expected, atol=1e-6)
 
 
-def test_unreadable_file_is_listed_and_gets_the_label_rates(trained, tiny_rsna, tmp_path):
+def test_unreadable_file_is_listed_and_gets_the_label_rates(trained, tiny_rsna, tmp_path, said):
     _, model, config = trained
     folder = tmp_path / "data" / "stage_2_test"
     shutil.copytree(tiny_rsna / "stage_2_test", folder)
     (folder / "ID_0000000bad.dcm").write_bytes(b"not a DICOM file")
-    logged = []
-    ids, probs, unreadable = predict_folder(model, config, folder, batch_size=4, log=logged.append)
+    ids, probs, unreadable = predict_folder(model, config, folder, batch_size=4)
     assert list(unreadable) == ["ID_0000000bad"] and "not a DICOM file" in unreadable["ID_0000000bad"]
     assert "ID_0000000bad" in ids and len(ids) == len(list(folder.iterdir()))
     rsna = [{**RSNA_RATES, "any": RSNA_ANY}[name] for name in CLASSES]
     np.testing.assert_allclose(probs[ids.index("ID_0000000bad")], rsna)  # no labels CSV beside it
-    assert "RSNA's published label rates" in logged[-1]
+    assert "RSNA's published label rates" in said[-1]
 
     shutil.copy(tiny_rsna / "stage_2_train.csv", tmp_path / "data")
-    ids, probs, _ = predict_folder(model, config, folder, batch_size=4, log=quiet)
+    ids, probs, _ = predict_folder(model, config, folder, batch_size=4)
     rates = read_labels(tiny_rsna / "stage_2_train.csv").y.mean(axis=0)
     np.testing.assert_allclose(probs[ids.index("ID_0000000bad")], rates)
 
 
 def test_evaluate_uses_the_training_split_or_every_slice(trained):
     _, model, config = trained
-    val = evaluate_split(model, config, "val", log=quiet)
-    splits = load_splits(prepare_cache(config.data, log=quiet), config.data, log=quiet)
+    val = evaluate_split(model, config, "val")
+    splits = load_splits(prepare_cache(config.data), config.data)
     labels = splits.cache.labels[splits.val]
     assert val["positives_any"] == labels[:, -1].sum()
     assert val["accuracy_baseline"] == pytest.approx(1 - labels.mean())
-    every = evaluate_split(model, config, "all", batch_size=5, log=quiet)
+    every = evaluate_split(model, config, "all", batch_size=5)
     assert every["positives_any"] == splits.cache.labels[splits.cache.valid][:, -1].sum()
 
 
@@ -184,7 +174,7 @@ def trained_context(tiny_rsna, tmp_path_factory):
     """A model trained for a few steps with data.context 1, on the cache `trained` uses: (outcome, config)."""
     config = build_experiment(tiny_tree(tiny_rsna, tiny_rsna.parent / "cache-for-weights",
                                         data={"context": 1}), {})
-    outcome = train(config, prepare_cache(config.data, log=quiet), tmp_path_factory.mktemp("context"))
+    outcome = train(config, prepare_cache(config.data), tmp_path_factory.mktemp("context"))
     return outcome, config
 
 
@@ -199,7 +189,7 @@ def test_training_with_context_feeds_the_neighbours_as_channels(trained_context)
 def loader_probs(model: torch.nn.Module, config: ExperimentConfig, alone: bool = False) -> dict:
     """Probabilities by id of every decoded slice of the config's dataset, through the training
     loader; with `alone`, every neighbour replaced by the slice itself."""
-    cache = with_context(open_cache(prepare_cache(config.data, log=quiet)), config.data.context)
+    cache = with_neighbours(open_cache(prepare_cache(config.data)), config.data.context)
     if alone:
         cache.neighbours = np.repeat(np.arange(len(cache.ids))[:, None], 3, axis=1)
     rows = np.flatnonzero(cache.valid)
@@ -224,7 +214,7 @@ def test_context_predictions_match_the_training_loader(trained_context, tiny_rsn
     read_hu = ich_tune.data.folder.read_hu
     monkeypatch.setattr(ich_tune.data.folder, "read_hu", lambda path: decoded.update([path]) or read_hu(path))
 
-    ids, probs, unreadable = predict_folder(model, config, tiny_rsna / folder, batch_size=5, log=quiet,
+    ids, probs, unreadable = predict_folder(model, config, tiny_rsna / folder, batch_size=5,
                                             workers=1)  # in this process, where decoding is counted
     assert set(decoded.values()) == {1} and len(decoded) == len(ids)  # each file decoded once
     expected = loader_probs(model, config)
@@ -301,7 +291,7 @@ def test_pydicom_sample_files(trained, tmp_path):
         np.testing.assert_allclose(prediction.probs[k], expected, atol=1e-5)
 
     out = tmp_path / "out" / "scores.csv"
-    assert save_predictions(prediction, out, log=quiet) == "wide"
+    assert save_predictions(prediction, out) == "wide"
     rows = read_dicts(out)
     assert [r["file"] for r in rows] == [i.file for i in prediction.images]
     series = [r for r in rows if r["file"].startswith("export/CT2/")]  # one series of four slices
@@ -345,7 +335,7 @@ def test_nested_export_matches_the_rsna_folder(trained, trained_context, tiny_rs
     model, config = (trained[1], trained[2]) if context == 0 else (trained_context[0].model.eval(),
                                                                     trained_context[1])
     root, renamed = nested_export
-    ids, probs, unreadable = predict_folder(model, config, tiny_rsna / "stage_2_train", 8, quiet, workers=1)
+    ids, probs, unreadable = predict_folder(model, config, tiny_rsna / "stage_2_train", 8, workers=1)
     prediction = predict_dicom(model, config, root, batch_size=5, workers=1 + context)  # a pool with context
     assert prediction.folder.skipped.keys() == {"README.txt"} and not prediction.folder.rsna_named
     assert {renamed[i.image_id] for i in prediction.images} == set(ids) - set(unreadable)
@@ -354,7 +344,7 @@ def test_nested_export_matches_the_rsna_folder(trained, trained_context, tiny_rs
     np.testing.assert_allclose(prediction.probs, got, atol=1e-6)
 
     out = tmp_path / "scores.csv"
-    assert save_predictions(prediction, out, log=quiet) == "wide"
+    assert save_predictions(prediction, out) == "wide"
     rows = read_dicts(out)
     assert len(rows) == len(ids) - len(unreadable) and list(rows[0])[-6:] == list(CLASSES)
     for row in rows:
@@ -398,6 +388,6 @@ def test_kaggle_format_needs_one_file_per_image(trained, tmp_path):
         shutil.copy(SAMPLES / "CT_small.dcm", tmp_path / name)
     prediction = predict_dicom(model, config, tmp_path, workers=1)
     with pytest.raises(UserError, match=r"2 files hold image 1\.3\.6.*\(a/IM1, b/IM1\).*--format wide"):
-        save_predictions(prediction, tmp_path / "kaggle.csv", "kaggle", log=quiet)
-    assert save_predictions(prediction, tmp_path / "wide.csv", log=quiet) == "wide"
+        save_predictions(prediction, tmp_path / "kaggle.csv", "kaggle")
+    assert save_predictions(prediction, tmp_path / "wide.csv") == "wide"
     assert [r["file"] for r in read_dicts(tmp_path / "wide.csv")] == ["a/IM1", "b/IM1"]

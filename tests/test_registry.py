@@ -117,7 +117,7 @@ def test_the_best_model_is_a_registered_version_and_the_champion(served):
     assert float(tags[registry.TAG_VALUE]) == outcome.best.best
     search = load_search(served.first.space)
     data = search.trial_experiment(search.first_values).data
-    assert tags[registry.TAG_DATA] == data_fingerprint(prepare_cache(data, log=print), data)
+    assert tags[registry.TAG_DATA] == data_fingerprint(prepare_cache(data), data)
 
 
 @pytest.mark.slow
@@ -225,7 +225,7 @@ def test_the_data_fingerprint_follows_the_validation_slices_and_their_preparatio
     def data(**change):
         return tiny_config(data={"cache_dir": str(shared_cache(tiny_rsna)), **change}).data
 
-    cache = prepare_cache(data(), log=lambda *_: None)
+    cache = prepare_cache(data())
     fingerprint = data_fingerprint(cache, data())
     assert data_fingerprint(cache, data(augment=True, workers=1)) == fingerprint  # not the val data
     for change in ({"split_seed": 1}, {"train_fraction": 0.5}, {"context": 1}):

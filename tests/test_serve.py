@@ -29,7 +29,7 @@ from ich_tune.cli import main
 from ich_tune.data.dicom import read_slice
 from ich_tune.data.labels import CLASSES
 from ich_tune.evaluation.assess import Calibration
-from ich_tune.predict import predict_dicom
+from ich_tune.predict.scoring import predict_dicom
 from ich_tune.tracking import pyfunc
 from ich_tune.tracking.references import load_trained
 from ich_tune.training.checkpoint import save_checkpoint

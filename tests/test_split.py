@@ -86,10 +86,10 @@ def cache_path(tmp_path_factory):
     generate(root, studies=8, slices=9, size=64, seed=0, positive_rate=0.4, quirk_rate=0.2)
     cfg = DataConfig(root=str(root), cache_dir=str(tmp_path_factory.mktemp("cache")), full_size=64,
                      workers=1, max_bad_fraction=0.5)
-    return ensure_cache(cfg, root, lambda *_: None), cfg
+    return ensure_cache(cfg, root), cfg
 
 
-def test_load_splits_on_real_dicom_keeps_patients_whole(cache_path):
+def test_load_splits_on_real_dicom_keeps_patients_whole(cache_path, said):
     path, cfg = cache_path
     cache = open_cache(path)
     studies_of = defaultdict(set)
@@ -98,21 +98,20 @@ def test_load_splits_on_real_dicom_keeps_patients_whole(cache_path):
     assert max(len(s) for p, s in studies_of.items() if p) == 2  # the data hold a two-study patient
     assert not cache.valid.all()  # and a corrupt slice
 
-    lines = []
-    splits = load_splits(path, cfg, lines.append)
+    splits = load_splits(path, cfg)
     assert set(cache.patient_ids[splits.train]).isdisjoint(cache.patient_ids[splits.val])
     np.testing.assert_array_equal(np.sort(np.concatenate([splits.train, splits.val])),
                                   np.flatnonzero(cache.valid))
-    assert [line.split()[:3] for line in lines] == [
+    assert [line.split()[:3] for line in said] == [
         ["train", str(len(splits.train)), "slices"], ["val", str(len(splits.val)), "slices"]]
-    for line, part in zip(lines, (splits.train, splits.val), strict=True):
+    for line, part in zip(said, (splits.train, splits.val), strict=True):
         assert f"{len(set(cache.patient_ids[part]))} patients" in " ".join(line.split())
 
 
 def test_load_splits_folds_cover_every_valid_slice_once(cache_path):
     path, cfg = cache_path
     cache = open_cache(path)
-    vals = [load_splits(path, DataConfig(folds=3, fold=k), lambda *_: None).val for k in range(3)]
+    vals = [load_splits(path, DataConfig(folds=3, fold=k)).val for k in range(3)]
     joined = np.concatenate(vals)
     np.testing.assert_array_equal(np.sort(joined), np.flatnonzero(cache.valid))
     for val in vals:

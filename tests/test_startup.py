@@ -18,16 +18,13 @@ import yaml
 
 from ich_tune.cli import main
 from ich_tune.config.schema import DataConfig
-from ich_tune.data.cache import LABELS_CSV, TRAIN_DIR, ensure_cache, find_dicom_files, open_cache
+from ich_tune.data.cache import ensure_cache, find_dicom_files, open_cache
 from ich_tune.data.channels import parse_channels, to_channels
 from ich_tune.data.dicom import read_hu
+from ich_tune.data.rsna import LABELS_CSV, TRAIN_DIR
 from ich_tune.data.synthetic import generate
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
-
-
-def quiet(*_args) -> None:
-    pass
 
 
 def age(root: Path) -> None:
@@ -74,14 +71,14 @@ class Calls:
 
 def test_unchanged_dataset_is_found_without_a_stat_per_file(dataset, tmp_path, monkeypatch):
     cfg = config(dataset, tmp_path / "cache")
-    built = ensure_cache(cfg, dataset, quiet)
+    built = ensure_cache(cfg, dataset)
     files = find_dicom_files(dataset)
     calls = Calls(monkeypatch)
-    assert ensure_cache(cfg, dataset, quiet) == built
+    assert ensure_cache(cfg, dataset) == built
     assert calls.dicom_stats() == [] and calls.listed == []  # the folder and the CSV, not their files
 
     calls.stats.clear()
-    assert ensure_cache(cfg, dataset, quiet, rescan=True) == built  # the full check: every file
+    assert ensure_cache(cfg, dataset, rescan=True) == built  # the full check: every file
     assert sorted(calls.dicom_stats()) == sorted(str(path) for path in files.values())
     assert calls.listed == [str(dataset / TRAIN_DIR)]
 
@@ -89,9 +86,9 @@ def test_unchanged_dataset_is_found_without_a_stat_per_file(dataset, tmp_path, m
 def test_a_folder_changed_just_now_is_checked_in_full_each_time(dataset, tmp_path, monkeypatch):
     cfg = config(dataset, tmp_path / "cache")
     os.utime(dataset / TRAIN_DIR)  # changed now: a change in the same clock tick would not show
-    built = ensure_cache(cfg, dataset, quiet)
+    built = ensure_cache(cfg, dataset)
     calls = Calls(monkeypatch)
-    assert ensure_cache(cfg, dataset, quiet) == built
+    assert ensure_cache(cfg, dataset) == built
     assert len(calls.dicom_stats()) == len(find_dicom_files(dataset))
 
 
@@ -123,10 +120,10 @@ def relabelled(root: Path, ids: list[str]) -> str:
 @pytest.mark.parametrize("change", [added, removed, renamed, relabelled])
 def test_the_cheap_check_sees_files_added_removed_renamed_and_a_changed_csv(dataset, tmp_path, change):
     cfg = config(dataset, tmp_path / "cache")
-    old = open_cache(ensure_cache(cfg, dataset, quiet))
+    old = open_cache(ensure_cache(cfg, dataset))
     ids = sorted(old.ids)
     image = change(dataset, ids)
-    new = open_cache(ensure_cache(cfg, dataset, quiet))
+    new = open_cache(ensure_cache(cfg, dataset))
     assert new.path != old.path
     if change is added:  # no label, so not in the cache; but in the full fingerprint
         assert new.manifest["fingerprint"]["files"] == old.manifest["fingerprint"]["files"] + 1
@@ -139,17 +136,17 @@ def test_the_cheap_check_sees_files_added_removed_renamed_and_a_changed_csv(data
 
 def test_rescan_finds_a_file_rewritten_in_place_that_the_cheap_check_misses(dataset, tmp_path):
     cfg = config(dataset, tmp_path / "cache")
-    old = open_cache(ensure_cache(cfg, dataset, quiet))
+    old = open_cache(ensure_cache(cfg, dataset))
     files = find_dicom_files(dataset)
     target, source = old.ids[0], old.ids[1]
     shutil.copyfile(files[source], files[target])  # same size and folder, other pixels
-    assert ensure_cache(cfg, dataset, quiet) == old.path  # the cheap check cannot see it
-    new = open_cache(ensure_cache(cfg, dataset, quiet, rescan=True))
+    assert ensure_cache(cfg, dataset) == old.path  # the cheap check cannot see it
+    new = open_cache(ensure_cache(cfg, dataset, rescan=True))
     assert new.path != old.path
     expected = to_channels(read_hu(files[source]), parse_channels("hu"), 32)
     assert not np.array_equal(old.images[0], expected)
     np.testing.assert_array_equal(new.images[0], expected)
-    assert ensure_cache(cfg, dataset, quiet) == new.path  # what the rescan found is remembered
+    assert ensure_cache(cfg, dataset) == new.path  # what the rescan found is remembered
 
 
 def test_preprocess_rescan_flag(dataset, tmp_path, capsys):

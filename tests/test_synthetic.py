@@ -15,6 +15,7 @@ from ich_tune.data import synthetic
 from ich_tune.data.dicom import DicomError, read_header, read_hu
 from ich_tune.data.labels import CLASSES, read_labels
 from ich_tune.data.phantom import HU_MAX, HU_MIN, SUBTYPES, random_bleed, random_head, render_slice
+from ich_tune.data.rsna import RSNA_RATES
 from ich_tune.data.synthetic import ENCODINGS, MARKER, encode, generate, plan
 
 # RSNA's "ID_<hex>" UIDs are not valid DICOM UIDs; pydicom warns on every read, as with real data
@@ -327,7 +328,7 @@ def rendered_rates(**args) -> dict[str, float]:
 def test_label_rates_follow_rsna_by_default():
     rates = rendered_rates(studies=60, slices=24, size=48, quirk_rate=0.0)
     assert rates["any"] == pytest.approx(0.144, abs=0.02)
-    for kind, target in synthetic.RSNA_RATES.items():
+    for kind, target in RSNA_RATES.items():
         assert rates[kind] == pytest.approx(target, rel=0.35, abs=0.004), kind
     assert sum(rates[k] for k in SUBTYPES) > rates["any"]  # subtypes co-occur, as in RSNA
 

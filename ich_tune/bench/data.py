@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
 def synthetic_data(root: Path, images: int) -> Path:
     """At least `images` train slices at 512x512, generated once and reused while the plan holds."""
-    from ich_tune.data.cache import LABELS_CSV
+    from ich_tune.data.rsna import LABELS_CSV
     from ich_tune.data.synthetic import generate
 
     plan = {"studies": math.ceil(images / SLICES_PER_STUDY), "slices": SLICES_PER_STUDY,
@@ -104,10 +104,10 @@ def per_sample_rate(root: Path, files: dict[str, Path], cfg: DataConfig, batch_s
     import numpy as np
     import torch
 
-    from ich_tune.data.cache import LABELS_CSV
     from ich_tune.data.channels import parse_channels, to_channels
     from ich_tune.data.dicom import DicomError, read_hu
     from ich_tune.data.labels import read_labels
+    from ich_tune.data.rsna import LABELS_CSV
 
     labels = read_labels(root / LABELS_CSV)
     row = {image: k for k, image in enumerate(labels.ids)}

@@ -291,7 +291,7 @@ def measure_step_time(search, steps: int = 10, budget_s: float = 20.0) -> tuple[
     # loaded when the bench runs, not when the CLI builds its parser (see ich_tune.bench)
     import torch
 
-    from ich_tune.data.context import input_channels
+    from ich_tune.data.neighbours import input_channels
 
     config = search.trial_experiment(search.first_values)
     placement, train_step = loop_step(config)

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ich_tune.files import atomic
+
 RSNA_SLICES = 752_807
 SLICES_PER_STUDY = 40
 PHASES = ("cache", "splits", "loader")  # prepare_cache, load_splits, TrainBatches
@@ -90,8 +92,8 @@ def extrapolate(sizes: list[int], seconds: list[float]) -> float:
 
 def write_tree(root: Path, count: int, seed: int = 0) -> float:
     """RSNA's layout with `count` 8x8 slices; seconds taken (0 when the tree was already there)."""
-    from ich_tune.data.cache import LABELS_CSV, TRAIN_DIR
     from ich_tune.data.labels import write_labels
+    from ich_tune.data.rsna import LABELS_CSV, TRAIN_DIR
 
     if (root / LABELS_CSV).is_file():
         return 0.0
@@ -116,8 +118,8 @@ def write_tree(root: Path, count: int, seed: int = 0) -> float:
     y[any_bleed, rng.integers(0, 5, int(any_bleed.sum()))] = 1
     y[:, 5] = any_bleed
     order = np.argsort(ids)
-    write_labels(root / (LABELS_CSV + ".partial"), [ids[i] for i in order], y[order])
-    os.replace(root / (LABELS_CSV + ".partial"), root / LABELS_CSV)  # present only when complete
+    with atomic(root / LABELS_CSV) as partial:  # present only when complete
+        write_labels(partial, [ids[i] for i in order], y[order])
     return time.perf_counter() - started
 
 
@@ -177,16 +179,17 @@ def _config(root: Path, cache_dir: Path):
 
 def build_cache(root: Path, cache_dir: Path) -> float:
     """Seconds to build (or find) the tree's cache, in this process."""
-    from ich_tune.data.cache import LABELS_CSV, RACY_NS, TRAIN_DIR
+    from ich_tune.data.cache import RACY_NS
     from ich_tune.data.prepare import prepare_cache
+    from ich_tune.data.rsna import LABELS_CSV, TRAIN_DIR
 
-    cfg, quiet = _config(root, cache_dir), lambda *_: None
+    cfg = _config(root, cache_dir)
     started = time.perf_counter()
-    prepare_cache(cfg, quiet)
+    prepare_cache(cfg)
     seconds = time.perf_counter() - started
     newest = max((root / TRAIN_DIR).stat().st_mtime_ns, (root / LABELS_CSV).stat().st_mtime_ns)
     time.sleep(max(0.0, (newest + RACY_NS - time.time_ns()) / 1e9))
-    prepare_cache(cfg, quiet)  # as any later start: remembers the fingerprint of a folder not just written
+    prepare_cache(cfg)  # as any later start: remembers the fingerprint of a folder not just written
     return seconds
 
 
@@ -206,19 +209,18 @@ def start_up(root: Path, cache_dir: Path, rescan: bool, cold: bool) -> dict[str,
 
 def time_phases(root: Path, cache_dir: Path, rescan: bool, cold: bool) -> dict[str, float]:
     """What train/run do before their first step, phase by phase (imports are done first)."""
-    from ich_tune.data.cache import LABELS_CSV
     from ich_tune.data.loader import TrainBatches
     from ich_tune.data.prepare import load_splits, prepare_cache
+    from ich_tune.data.rsna import LABELS_CSV
 
     cfg = _config(root, cache_dir)
     if cold:
         for path in [root / LABELS_CSV, *(p for p in cache_dir.rglob("*") if p.is_file())]:
             _drop_from_page_cache(path)
-    quiet = lambda *_: None  # noqa: E731
     started = time.perf_counter()
-    path = prepare_cache(cfg, quiet, rescan=rescan)
+    path = prepare_cache(cfg, rescan=rescan)
     cached = time.perf_counter()
-    splits = load_splits(path, cfg, quiet)
+    splits = load_splits(path, cfg)
     split = time.perf_counter()
     TrainBatches(splits.cache, splits.train, batch_size=12, seed=0)
     return {"cache": cached - started, "splits": split - cached, "loader": time.perf_counter() - split}

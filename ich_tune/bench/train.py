@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     config.logging.print_interval = warmup
     config.logging.tensorboard = False
     config.logging.plot_interval = 10**9
-    cache = prepare_cache(config.data, log=lambda *_: None)
+    cache = prepare_cache(config.data)
     threads = torch.get_num_threads()
     real, bare = [], []
     for _ in range(args.repeats):
@@ -108,10 +108,10 @@ def bare_loop_rate(config, cache: Path, steps: int) -> float:
     import numpy as np
 
     from ich_tune.data.cache import open_cache
-    from ich_tune.data.context import with_context
     from ich_tune.data.loader import gather, to_float
+    from ich_tune.data.neighbours import with_neighbours
 
-    stacked = with_context(open_cache(cache), config.data.context)  # the batch training would see
+    stacked = with_neighbours(open_cache(cache), config.data.context)  # the batch training would see
     placement, step = loop_step(config)
     batch = placement.images(gather(stacked, np.arange(config.train.batch_size))[0])
     for index in range(steps + 10):
@@ -128,7 +128,7 @@ def loop_step(config) -> tuple[Placement, Callable[[torch.Tensor], torch.Tensor]
     # loaded when the bench runs, not when the CLI builds its parser (see ich_tune.bench)
     import torch
 
-    from ich_tune.data.context import input_channels
+    from ich_tune.data.neighbours import input_channels
     from ich_tune.models import build_model
     from ich_tune.training.device import place
     from ich_tune.training.optim import make_loss, make_optimizer

@@ -43,7 +43,7 @@ class DataConfig:
     full_size: int = bounded(512, 16)  # every slice is first brought to this size ...
     lod: int = bounded(0, 0, 6)  # ... then halved `lod` times (the original's level of detail)
     channels: str | list[str | dict[str, float | str]] = "hu"  # "hu" or named/custom windows
-    context: int = bounded(0, 0, 8)  # 2.5D: k slices below and above as extra channels (data/context.py)
+    context: int = bounded(0, 0, 8)  # 2.5D: k slices below and above as extra channels (data/neighbours.py)
     train_fraction: float = bounded(0.7, 0.0, 1.0)  # the original's data split
     split_seed: int = bounded(0, 0)
     folds: int = bounded(0, 0)  # 0: one train/val split; k: k-fold by patient

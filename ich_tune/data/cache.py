@@ -19,10 +19,9 @@ half-way through.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
-import multiprocessing
+import logging
 import os
 import shutil
 import time
@@ -30,20 +29,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 
 from ich_tune.config.schema import DataConfig
-from ich_tune.data.channels import channel_dtype, parse_channels, to_channels
+from ich_tune.data import pool
+from ich_tune.data.channels import channel_dtype, interpolates, parse_channels, to_channels
 from ich_tune.data.dicom import DicomError, image_id, read_slice
 from ich_tune.data.labels import read_labels
+from ich_tune.data.rsna import LABELS_CSV, TRAIN_DIR
 from ich_tune.errors import DataError
-from ich_tune.progress import Progress
+from ich_tune.files import atomic
+from ich_tune.progress import bar
+
+log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 MISSING = "no DICOM file"  # the skip reason of a labelled image whose file is not there
-TRAIN_DIR = "stage_2_train"
-LABELS_CSV = "stage_2_train.csv"
 DISK_MARGIN = 64 * 2**20  # left free after a build: the disk is shared with logs and checkpoints
 INDEX_BYTES_PER_IMAGE = 1024  # index.npz: id, labels, valid, z and three UIDs of up to 64 characters
+CHUNK = 64  # slices per task: enough to amortise its round trip, few enough to balance the workers
 RACY_NS = 2 * 10**9  # a folder changed this recently may change again within its mtime's resolution
 
 
@@ -143,7 +147,7 @@ def folder_fingerprint(root: Path) -> dict:
             "csv": [csv_stat.st_ino, csv_stat.st_size, csv_stat.st_mtime_ns]}
 
 
-def ensure_cache(cfg: DataConfig, root: Path, log=print, rescan: bool = False) -> Path:
+def ensure_cache(cfg: DataConfig, root: Path, rescan: bool = False) -> Path:
     """The cache folder for these data and parameters, built first if it does not exist yet.
 
     The key covers every file's size and mtime, and computing that stats every file: seconds at
@@ -166,10 +170,11 @@ def ensure_cache(cfg: DataConfig, root: Path, log=print, rescan: bool = False) -
     key = _digest([params, fingerprint])
     final = cache_dir / key
     if not (final / "manifest.json").is_file():
-        _build_once(cfg, root, files, params, fingerprint, cache_dir, key, log)
+        _build_once(cfg, root, files, params, fingerprint, cache_dir, key)
     _checked(final, cfg, root)
     if folder_fingerprint(root) == folder and not _racy(folder, checked_at):
-        _replace_text(remembered, json.dumps(fingerprint))
+        with atomic(remembered) as partial:
+            partial.write_text(json.dumps(fingerprint))
     return final
 
 
@@ -192,29 +197,21 @@ def _racy(folder: dict, checked_at: int) -> bool:
     return checked_at - newest < RACY_NS
 
 
-def _replace_text(path: Path, text: str) -> None:
-    """Write all or nothing: a reader never sees half a file."""
-    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
 def _build_once(cfg: DataConfig, root: Path, files: dict[str, Path], params: dict, fingerprint: dict,
-                cache_dir: Path, key: str, log) -> None:
+                cache_dir: Path, key: str) -> None:
     """Build the cache of `key` unless another process does or did; see the module's docstring."""
     final = cache_dir / key
     plan = _plan(cfg, root, files)
     free = _check_room(cache_dir, key, plan.disk_bytes)  # before anything is created
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / f"{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a second builder waits here, then finds it complete
+    with FileLock(cache_dir / f"{key}.lock"):  # a second builder waits here, then finds it complete
         if (final / "manifest.json").is_file():
             return
         for stale in cache_dir.glob(f"{key}.partial-*"):  # left by a build that was killed
             shutil.rmtree(stale, ignore_errors=True)
         partial = cache_dir / f"{key}.partial-{os.getpid()}"
         try:
-            _build(cfg, root, plan, free, partial, params, fingerprint, log)
+            _build(cfg, root, plan, free, partial, params, fingerprint)
             _checked(partial, cfg, root)
             os.rename(partial, final)
         finally:
@@ -312,31 +309,34 @@ def _size(count: float) -> str:
 
 
 def _build(cfg: DataConfig, root: Path, plan: _Plan, free: int, out: Path, params: dict,
-           fingerprint: dict, log) -> None:
+           fingerprint: dict) -> None:
     started = time.perf_counter()
     ids, y, missing, paths = plan.ids, plan.labels, plan.missing, plan.paths
     out.mkdir(parents=True)
     np.lib.format.open_memmap(out / "images.npy", mode="w+", dtype=plan.dtype, shape=plan.shape)
     workers = cfg.workers or len(os.sched_getaffinity(0))  # usable cores, as a cpuset limits them
     _, channels, size, _ = plan.shape
-    log(f"preprocess: {len(ids)} slices of {root} -> {out.parent} "
-        f"({channels}x{size}x{size} {plan.dtype.name}, {workers} processes; "
-        f"about {_size(plan.disk_bytes)} on disk, {_size(free)} free)")
+    log.info(f"preprocess: {len(ids)} slices of {root} -> {out.parent} "
+             f"({channels}x{size}x{size} {plan.dtype.name}, {workers} processes; "
+             f"about {_size(plan.disk_bytes)} on disk, {_size(free)} free)")
     headers: list = [None] * len(ids)
     skipped: dict[str, str] = dict.fromkeys(missing, MISSING)
-    chunks = [(str(out / "images.npy"), start, paths[start:start + 64], cfg.channels, cfg.size)
-              for start in range(0, len(paths), 64)]
-    progress = Progress(len(paths), "preprocess")
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])  # workers fork from a process that imported this once
-    with context.Pool(workers, initializer=_init_worker) as pool:
-        for results in pool.imap_unordered(_decode_chunk, chunks):
+    images = str(out / "images.npy")
+    chunks = [(images, start, paths[start:start + CHUNK], cfg.channels, cfg.size)
+              for start in range(0, len(paths), CHUNK)]
+    decoding = time.perf_counter()
+    progress = bar(len(paths), "preprocess")
+    with pool.workers(workers, __name__) as run:
+        for results, left in run(_decode_chunk, chunks):
+            for index in left:  # here, where torch is imported once rather than in every worker
+                results += _decode_chunk((images, index, [paths[index]], cfg.channels, cfg.size), True)[0]
             for index, header, reason in results:
                 headers[index] = header
                 if reason:
                     skipped[str(ids[index])] = reason
             progress.update(len(results))
-    seconds = progress.close()
+    progress.close()
+    seconds = time.perf_counter() - decoding
     bad = [h is None for h in headers]
     blank = ("", "", "", float("nan"))
     rows = [h[1:] if h else blank for h in headers]
@@ -351,27 +351,29 @@ def _build(cfg: DataConfig, root: Path, plan: _Plan, free: int, out: Path, param
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     if skipped:
-        log(f"preprocess: skipped {len(skipped)} images (listed in {out.parent}/<key>/manifest.json)")
+        log.info(f"preprocess: skipped {len(skipped)} images (listed in {out.parent}/<key>/manifest.json)")
 
 
-def _init_worker() -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"  # one process per core already, should torch be imported
-
-
-def _decode_chunk(task: tuple) -> list[tuple[int, tuple | None, str | None]]:
+def _decode_chunk(task: tuple, interpolate: bool = False) -> tuple[list[tuple], list[int]]:
+    """(index, header, reason it failed) of each slice decoded into the memory-mapped array, and
+    the indices of those left undecoded because only torch can resize them (see pool.py), unless
+    `interpolate`."""
     images_path, start, paths, channel_spec, size = task
     images = np.load(images_path, mmap_mode="r+")
     channels = parse_channels(channel_spec)
-    results = []
-    for offset, path in enumerate(paths):
-        index = start + offset
+    results, left = [], []
+    for index, path in enumerate(paths, start):
         try:
             header, hu = read_slice(path)
-            images[index] = to_channels(hu, channels, size)
-            results.append((index, dataclasses.astuple(header), None))
         except DicomError as err:
             results.append((index, None, err.reason))
-    return results
+            continue
+        if interpolates(hu.shape, size) and not interpolate:
+            left.append(index)
+        else:
+            images[index] = to_channels(hu, channels, size)
+            results.append((index, dataclasses.astuple(header), None))
+    return results, left
 
 
 def open_cache(path: Path) -> Cache:

@@ -61,18 +61,25 @@ def resize_area(image: np.ndarray, size: int) -> np.ndarray:
     height, width = image.shape
     if (height, width) == (size, size):
         return image.copy()
-    if height % size == 0 and width % size == 0:
+    if not interpolates(image.shape, size):
         # numpy, not torch: no thread pool to oversubscribe when many workers preprocess at once
         tall, wide = height // size, width // size
         rows = image.reshape(size, tall, width).sum(axis=1)
         return rows.reshape(size, size, wide).sum(axis=2) / np.float32(tall * wide)
-    import torch  # only here: preprocessing workers that never need it skip its import
+    import torch  # only here: worker processes leave these slices to their parent (pool.py)
     import torch.nn.functional as F
 
     tensor = torch.from_numpy(np.ascontiguousarray(image))[None, None]
     out = F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True,
                         align_corners=False)
     return out[0, 0].numpy()
+
+
+def interpolates(shape: tuple[int, ...], size: int) -> bool:
+    """Whether `resize_area` needs torch to bring an image of `shape` to `size`: neither the size
+    itself nor an integer multiple of it."""
+    height, width = shape
+    return (height, width) != (size, size) and bool(height % size or width % size)
 
 
 def to_channels(hu: np.ndarray, channels: tuple[Channel, ...], size: int) -> np.ndarray:

@@ -17,7 +17,7 @@ def data_fingerprint(cache_path: Path, data: DataConfig) -> str:
     """The validation data's identity: which slices (ids, labels) and how they were prepared (size,
     windows, neighbouring slices). Paths and file times are left out, so a copy of the data on
     another disk or machine has the same fingerprint."""
-    splits = load_splits(cache_path, data, log=lambda *_: None)
+    splits = load_splits(cache_path, data, quiet=True)
     cache = splits.cache
     val = splits.val[cache.ids[splits.val].argsort()]
     identity = {"ids": cache.ids[val].astype(str).tolist(), "labels": cache.labels[val].tolist(),

@@ -4,33 +4,27 @@ A file is DICOM by what it holds (dicom.py's rules: the 'DICM' marker, or a bare
 SOP Class UID), never by its name: exports name files `IM000001`, `0001.dcm` or nothing at all,
 and nest them study/series. Headers are read first, to name every image and rebuild its series;
 pixels are decoded afterwards, series after series, so a model given neighbouring slices gets a
-whole series at once. Both passes run in worker processes, as the cache build does: decoding
-costs milliseconds of CPU per slice, and with one process it would leave the other cores idle.
-Decoded slices come back through shared memory, as the cache build's go to its memory-mapped
-file, and only a few bytes per chunk through the pool's result pipe. Pickled through that pipe, a
-chunk of slices takes many reads to arrive, and all that while the pool's worker-watching thread,
-which also waits on the pipe, finds it readable and spins: on 2 cores the pool then read 0.6x one
-process's images/s at 10 ms of CPU per image, against 1.8x at 4 ms through shared memory.
+whole series at once. Both passes run in worker processes (pool.py), as the cache build does:
+decoding costs milliseconds of CPU per slice, and with one process it would leave the other cores
+idle. Decoded slices come back through shared memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import multiprocessing
-import multiprocessing.pool
 import os
 import re
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-from ich_tune.data.channels import Channel, channel_dtype, parse_channels, to_channels
+from ich_tune.data import pool
+from ich_tune.data.channels import Channel, channel_dtype, interpolates, parse_channels, to_channels
 from ich_tune.data.dicom import (
     DicomError,
     InstanceHeader,
@@ -39,14 +33,12 @@ from ich_tune.data.dicom import (
     read_hu,
     read_instance_header,
 )
+from ich_tune.data.pool import Runner, Slot, Workers, shared
 from ich_tune.errors import DataError
-from ich_tune.progress import Progress
+from ich_tune.progress import bar
 
 RSNA_NAME = re.compile(r"ID_[0-9A-Za-z]+\.dcm(\.gz)?")  # Kaggle's ids are hex; any ID_<word>.dcm as before
 HEADER_CHUNK, DECODE_CHUNK = 64, 8  # files per task: enough to amortise the pickling, few enough to balance
-AHEAD = 4  # tasks in flight per worker: keeps the workers busy while decoded slices wait for the model
-
-Runner = Callable[[Callable, Iterable], Iterator]
 
 
 @dataclass(frozen=True)
@@ -106,7 +98,7 @@ def scan(root: Path, run: Runner) -> Folder:
     images, unreadable, skipped = [], {}, {}
     chunks = [[str(p) for p in paths[start:start + HEADER_CHUNK]]
               for start in range(0, len(paths), HEADER_CHUNK)]
-    progress = Progress(len(paths), "reading DICOM headers", unit="files")
+    progress = bar(len(paths), "reading DICOM headers", unit="files")
     for path, result in zip(paths, _flat(_counted(run(read_headers, chunks), progress)), strict=True):
         file = path.relative_to(root).as_posix()
         rsna = RSNA_NAME.fullmatch(path.name)
@@ -153,129 +145,56 @@ def decode(images: list[FolderImage], channel_spec: str | list, size: int,
     chunks = [paths[start:start + DECODE_CHUNK] for start in range(0, len(paths), DECODE_CHUNK)]
     channels = parse_channels(channel_spec)
     if isinstance(run, Workers):
-        results = _decode_shared(run, chunks, channels, size)
+        slot = Slot((DECODE_CHUNK, len(channels), size, size), channel_dtype(channels).name)
+        outputs = shared(run, decode_into, ((chunk, channels, size) for chunk in chunks), slot)
+        results = _finished(chunks, outputs, channels, size)
     else:
         results = run(decode_files, [(chunk, channels, size) for chunk in chunks])
     return zip(images, _flat(results), strict=True)
 
 
-def decode_files(task: tuple[list[str], tuple[Channel, ...], int]) -> list[np.ndarray | str]:
-    """Each file's channels as training's cache holds them, or why it failed."""
+def decode_files(task: tuple[list[str], tuple[Channel, ...], int],
+                 interpolate: bool = True) -> list[np.ndarray | str | None]:
+    """Each file's channels as training's cache holds them, or why it failed; None for a file only
+    torch can resize, unless `interpolate` (see pool.py)."""
     paths, channels, size = task
     results = []
     for path in paths:
         try:
-            results.append(to_channels(read_hu(path), channels, size))
+            hu = read_hu(path)
         except DicomError as err:
             results.append(err.reason)
+            continue
+        results.append(to_channels(hu, channels, size) if interpolate or not interpolates(hu.shape, size)
+                       else None)
     return results
 
 
-@dataclass
-class Workers:
-    """Worker processes that run tasks in order, at most `ahead` in flight, so that decoded slices
-    never pile up in memory while the model is slower than the workers."""
-
-    pool: multiprocessing.pool.Pool
-    ahead: int
-
-    def __call__(self, function: Callable, tasks: Iterable) -> Iterator:
-        pending = deque()
-        for task in tasks:
-            pending.append(self.pool.apply_async(function, (task,)))
-            if len(pending) >= self.ahead:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-
-
-@contextmanager
-def readers(workers: int | None) -> Iterator[Runner]:
-    """run(function, tasks) -> results in task order: `workers` processes, or this one for 1.
-
-    Processes fork from a forkserver that imported this module once, as in the cache build, and
-    keep to one thread each. The forkserver imports torch too, which a slice of an odd size needs
-    to be resized: imported there once rather than in every worker, it costs no CPU per worker
-    (imported by each of two workers, it took 40% more CPU per image than one process did, over
-    800 slices).
-    """
-    workers = workers or len(os.sched_getaffinity(0))  # usable cores, as a cpuset limits them
-    if workers == 1:
-        yield map
-        return
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__, "torch"])
-    with context.Pool(workers, initializer=_one_thread) as pool:
-        yield Workers(pool, AHEAD * workers)
-
-
-def _decode_shared(run: Workers, chunks: list[list[str]], channels: tuple[Channel, ...],
-                   size: int) -> Iterator[list[np.ndarray | str]]:
-    """decode_files in the workers, each chunk's slices written to one of `run.ahead` slots of
-    shared memory: a slot is reused only once its chunk has been copied out, as `run` submits a
-    task only after taking the result `ahead` tasks before it."""
-    slot = Slot(channels, size, DECODE_CHUNK)
-    memory = SharedMemory(create=True, size=run.ahead * slot.bytes)
-    try:
-        tasks = ((chunk, slot, memory.name, index % run.ahead) for index, chunk in enumerate(chunks))
-        for index, reasons in enumerate(run(decode_into, tasks)):
-            yield slot.copied(memory, index % run.ahead, reasons)
-    finally:
-        memory.close()
-        memory.unlink()
-
-
-@dataclass(frozen=True)
-class Slot:
-    """Where one chunk's decoded slices lie in the shared memory: `images` of [C, size, size]."""
-
-    channels: tuple[Channel, ...]
-    size: int
-    images: int
-
-    @property
-    def bytes(self) -> int:
-        return self.images * len(self.channels) * self.size ** 2 * channel_dtype(self.channels).itemsize
-
-    def view(self, memory: SharedMemory, index: int) -> np.ndarray:
-        shape = (self.images, len(self.channels), self.size, self.size)
-        return np.ndarray(shape, channel_dtype(self.channels), memory.buf, offset=index * self.bytes)
-
-    def copied(self, memory: SharedMemory, index: int, reasons: list[str | None]) -> list[np.ndarray | str]:
-        """The chunk's slices copied out of slot `index` (no view may outlive the shared memory), or
-        the reasons they failed."""
-        slices = self.view(memory, index)
-        return [reason or slices[k].copy() for k, reason in enumerate(reasons)]
-
-
-_attached: dict[str, SharedMemory] = {}  # in a worker: the shared memory of the decode under way
-
-
-def decode_into(task: tuple[list[str], Slot, str, int]) -> list[str | None]:
-    """decode_files in a worker, the slices written to slot `index` of the shared memory `name`;
-    None for a slice written, else why it failed."""
-    paths, slot, name, index = task
-    if name not in _attached:  # a new decode: the previous one's memory is no longer needed
-        for memory in _attached.values():
-            memory.close()
-        _attached.clear()
-        _attached[name] = SharedMemory(name)
-    slices = slot.view(_attached[name], index)
-    results = decode_files((paths, slot.channels, slot.size))
+def decode_into(task: tuple[list[str], tuple[Channel, ...], int], slices: np.ndarray) -> list[str | bool]:
+    """decode_files in a worker, the slices written to `slices` (shared memory): for each file why
+    it failed, else whether it was written (not when only torch can resize it)."""
+    results = decode_files(task, interpolate=False)
     for k, result in enumerate(results):
-        if not isinstance(result, str):
+        if isinstance(result, np.ndarray):
             slices[k] = result
-    return [result if isinstance(result, str) else None for result in results]
+    return [result if isinstance(result, str) else result is not None for result in results]
 
 
-def _one_thread() -> None:
-    import torch
+def _finished(chunks: list[list[str]], outputs: Iterable[tuple[np.ndarray, list[str | bool]]],
+              channels: tuple[Channel, ...], size: int) -> Iterator[list[np.ndarray | str]]:
+    """Each chunk's slices as decode_into left them, those it could not resize decoded here."""
+    for chunk, (slices, results) in zip(chunks, outputs, strict=True):
+        yield [result if isinstance(result, str) else slices[k] if result
+               else decode_files(([chunk[k]], channels, size))[0] for k, result in enumerate(results)]
 
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
+
+def readers(workers: int | None) -> AbstractContextManager[Runner]:
+    """run(function, tasks) -> results in task order, for `scan` and `decode`: `workers` processes
+    (default: one per usable core), or this one for 1."""
+    return pool.workers(workers, __name__)
 
 
-def _counted(chunks: Iterable[list], progress: Progress) -> Iterator[list]:
+def _counted(chunks: Iterable[list], progress: tqdm) -> Iterator[list]:
     for chunk in chunks:
         yield chunk
         progress.update(len(chunk))

@@ -3,8 +3,8 @@
 Batches are gathered straight from the memory-mapped array in the training process (a sorted
 fancy index: sequential page reads, one copy). No worker processes: with decoding done once,
 this is faster than pickling batches between processes, and trials sharing a machine stay light.
-A cache opened with a context (`context.with_context`) gives each slice with its neighbours as
-extra channels, in the order context.py describes.
+A cache opened with its neighbour table (`neighbours.with_neighbours`, for `data.context`) gives each
+slice with its neighbours as extra channels, in the order neighbours.py describes.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ich_tune.data.cache import Cache
-from ich_tune.data.context import ContextCache, stack
+from ich_tune.data.neighbours import NeighbourCache, stack_neighbours
 
 
 def to_float(batch: torch.Tensor) -> torch.Tensor:
@@ -30,12 +30,12 @@ def to_float(batch: torch.Tensor) -> torch.Tensor:
 
 
 def gather(cache: Cache, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (storage dtype; with their neighbours for a ContextCache) and float labels for the
+    """Images (storage dtype; with their neighbours for a NeighbourCache) and float labels for the
     given slice indices."""
     order = np.sort(indices)
-    rows = cache.neighbours[order] if isinstance(cache, ContextCache) else order[:, None]
+    rows = cache.neighbours[order] if isinstance(cache, NeighbourCache) else order[:, None]
     labels = cache.labels[order].astype(np.float32)
-    return torch.from_numpy(stack(cache.images, rows)), torch.from_numpy(labels)
+    return torch.from_numpy(stack_neighbours(cache.images, rows)), torch.from_numpy(labels)
 
 
 class TrainBatches:

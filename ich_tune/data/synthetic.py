@@ -8,7 +8,6 @@ rates follow RSNA's. Everything derives from `seed`: same arguments, byte-identi
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -33,13 +32,10 @@ from ich_tune.data.phantom import (
     render_slice,
     ventricle_slices,
 )
+from ich_tune.data.rsna import LABELS_CSV, RSNA_ANY, RSNA_RATES, SUBMISSION_CSV, TEST_DIR, TRAIN_DIR
 from ich_tune.errors import DataError
+from ich_tune.files import atomic
 
-TRAIN_DIR, TEST_DIR = "stage_2_train", "stage_2_test"
-TRAIN_CSV, SUBMISSION_CSV = "stage_2_train.csv", "stage_2_sample_submission.csv"
-RSNA_ANY = 0.1440  # stage-1 label rates (FACTS.md); the subtype mix is kept at any positive_rate
-RSNA_RATES = {"epidural": 0.0040, "intraparenchymal": 0.0482, "intraventricular": 0.0352,
-              "subarachnoid": 0.0476, "subdural": 0.0630}
 SLICE_MM = 5.0
 ENCODINGS = {  # name: (BitsStored, PixelRepresentation, RescaleIntercept)
     "plain": (16, 0, -1024),
@@ -112,7 +108,7 @@ def generate(
                         "it will not mix synthetic slices into them. Choose a new or empty folder.")
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("synthetic RSNA-layout data written by ich_tune\n")
-    (out / TRAIN_CSV).unlink(missing_ok=True)
+    (out / LABELS_CSV).unlink(missing_ok=True)
     images = plan(studies, slices, size, seed, positive_rate, quirk_rate, test_studies, difficulty)
     for folder in (TRAIN_DIR, TEST_DIR):
         (out / folder).mkdir(parents=True, exist_ok=True)
@@ -128,12 +124,12 @@ def generate(
     train = sorted(i.id for i in images if i.split == "train")
     test = sorted(i.id for i in images if i.split == "test")
     rows = [f"{i}_{name},0.5" for i in test for name in CLASSES]
-    _replace(out / SUBMISSION_CSV, "\n".join(["ID,Label", *rows, ""]).encode())
+    with atomic(out / SUBMISSION_CSV) as part:
+        part.write_bytes("\n".join(["ID,Label", *rows, ""]).encode())
     repeated = _duplicated(train, seed, quirk_rate)
-    part = out / (TRAIN_CSV + ".partial")
     ids = train + repeated
-    write_labels(part, ids, np.array([labels[i] for i in ids], np.uint8))
-    os.replace(part, out / TRAIN_CSV)
+    with atomic(out / LABELS_CSV) as part:
+        write_labels(part, ids, np.array([labels[i] for i in ids], np.uint8))
     return _summary(images, labels, size, len(repeated))
 
 
@@ -306,6 +302,7 @@ def _plan_bleeds(
     ventricles, so it is only ever a secondary run within the ventricle slices.
     """
     total = n_studies * slices
+    # RSNA's subtype mix, at any positive_rate
     quota = {kind: positive_rate * rate / RSNA_ANY * total for kind, rate in RSNA_RATES.items()}
     zones = _zones(rng, n_studies, slices, round(positive_rate * total))
     runs: list[tuple[int, str, int, int]] = []  # study, kind, first, stop
@@ -380,12 +377,6 @@ def _duplicated(train: list[str], seed: int, quirk_rate: float) -> list[str]:
     rng = _stream(seed, 5)
     chosen = [i for i, p in zip(train, rng.random(len(train)), strict=True) if p < quirk_rate / 10]
     return chosen or [train[int(rng.integers(len(train)))]]
-
-
-def _replace(path: Path, data: bytes) -> None:
-    part = path.with_name(path.name + ".partial")
-    part.write_bytes(data)
-    os.replace(part, path)
 
 
 def _summary(images: list[Image], labels: dict[str, list[bool]], size: int,

@@ -74,7 +74,7 @@ def _run(search: Search, options: RunOptions, run_dir: str, local: Path) -> Sear
     first = search.trial_experiment(search.first_values, experiment)
     budget = first.train.max_steps  # ASHA's max_t; load_search made sure there is one
     variants = data_variants(search, experiment)  # each node's caches, prepared once Ray is up
-    resolve_root(first.data, log.info)  # missing data is one message before Ray starts
+    resolve_root(first.data)  # missing data is one message before Ray starts
 
     resources = start_cluster(search.config, options)
     data = DataOnNodes(variants, options.rescan)
@@ -235,7 +235,7 @@ def publish(search: Search, parent: ParentRun, trials: list[TrialOutcome], best:
     config = search.config
     # the best trial's own data settings (a searched data.lod or channels may differ from the first
     # trial's) for its plots and the registry's fingerprint; already built where the driver's node ran trials
-    cache = prepare_cache(build_experiment(best.config, {}).data, log.info) if best else None
+    cache = prepare_cache(build_experiment(best.config, {}).data) if best else None
     # a checkpoint may sit in a bucket: Ray fetches it into a local folder (or hands over its own)
     with best.checkpoint.as_directory() if best else contextlib.nullcontext() as folder:
         published = log_search_result(

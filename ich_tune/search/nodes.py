@@ -36,6 +36,7 @@ from ich_tune.data.cache import cache_params
 from ich_tune.data.prepare import prepare_cache
 from ich_tune.errors import ConfigError, UserError
 from ich_tune.experiment import Search
+from ich_tune.logs import to_stdout
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ def _prepare_here(variants: list[DataConfig], cpus: int, rescan: bool) -> list[t
     `rescan` (run --rescan) checks every file of the data on each node.
 
     It asks Ray for no CPU: on a node that joined late, waiting trials already hold them all."""
+    to_stdout()  # what the build says goes to the task's output, which Ray forwards to the driver
     built = [prepare_cache(dataclasses.replace(data, workers=data.workers or cpus), rescan=rescan)
              for data in variants]
     return [(cache_identity(data), str(path)) for data, path in zip(variants, built, strict=True)]

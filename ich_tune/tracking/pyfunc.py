@@ -12,7 +12,7 @@ The model takes either of two inputs:
   (`{"dataframe_split": {"columns": ["dicom"], "data": [["<base64>"], ...]}}`). Each file is read and
   preprocessed as `predict` reads a folder (dicom.read_slice, then channels.to_channels at the
   checkpoint's channels and size) and its rows of one series are each other's neighbours for a 2.5D
-  model (context.neighbour_table, by z), so a request scores as `predict` scores a folder of the same
+  model (neighbours.neighbour_table, by z), so a request scores as `predict` scores a folder of the same
   files; a slice sent without its series has itself as every neighbour, as in `predict`. The answer
   is one row per file: the six probabilities, scaled by the temperatures fitted on validation when the
   checkpoint carries a calibration; six yes/no flags `<class>_flag`, at the thresholds chosen on
@@ -46,10 +46,10 @@ import torch
 from pydicom.uid import generate_uid
 
 from ich_tune.data.channels import parse_channels, to_channels
-from ich_tune.data.context import neighbour_table, stack
 from ich_tune.data.dicom import DicomError, read_slice
 from ich_tune.data.labels import CLASSES
 from ich_tune.data.loader import to_float
+from ich_tune.data.neighbours import neighbour_table, stack_neighbours
 from ich_tune.data.phantom import random_head
 from ich_tune.data.synthetic import Image, Study, write_dicom
 from ich_tune.training.checkpoint import load_checkpoint
@@ -126,7 +126,7 @@ class Classifier:
             return torch.zeros(0, self.input_spec["in_channels"], size, size)
         rows = neighbour_table(np.array([h.series_uid for h in headers]), np.array([h.z for h in headers]),
                                np.ones(len(headers), bool), self.input_spec["context"])
-        return to_float(torch.from_numpy(stack(np.stack(slices), rows)))
+        return to_float(torch.from_numpy(stack_neighbours(np.stack(slices), rows)))
 
     def _probabilities(self, images: torch.Tensor) -> np.ndarray:
         with torch.no_grad():

@@ -20,7 +20,7 @@ import torch
 from ich_tune.config.loader import parse_yaml, read_text
 from ich_tune.config.schema import ExperimentConfig
 from ich_tune.data.channels import parse_channels
-from ich_tune.data.context import input_channels
+from ich_tune.data.neighbours import input_channels
 from ich_tune.errors import ConfigError, UserError
 from ich_tune.experiment import build_experiment, load_experiment
 from ich_tune.models import build_model

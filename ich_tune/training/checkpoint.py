@@ -10,7 +10,6 @@ has to find a config.yaml or Ray's params.json beside it. Loading runs no code f
 from __future__ import annotations
 
 import dataclasses
-import os
 import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,8 +19,9 @@ import torch
 from torch import nn
 
 from ich_tune.config.schema import ExperimentConfig, ModelConfig
-from ich_tune.data.context import input_channels
+from ich_tune.data.neighbours import input_channels
 from ich_tune.errors import UserError
+from ich_tune.files import atomic
 from ich_tune.models import arguments, build_model
 
 FORMAT = 1
@@ -69,8 +69,8 @@ def save_checkpoint(path: Path, config: ExperimentConfig, model: nn.Module,
     for key, value in (("training", training), ("calibration", calibration)):
         if value is not None:
             state[key] = value
-    torch.save(state, path.with_name(f"{path.name}.tmp"))
-    os.replace(path.with_name(f"{path.name}.tmp"), path)
+    with atomic(path) as partial:
+        torch.save(state, partial)
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:

@@ -23,8 +23,8 @@ from tensorboardX import SummaryWriter
 from tensorboardX.summary import hparams
 
 from ich_tune.config.schema import ExperimentConfig
-from ich_tune.data.context import input_channels
 from ich_tune.data.loader import TrainBatches, to_float, validation_batches
+from ich_tune.data.neighbours import input_channels
 from ich_tune.data.prepare import Splits, load_splits
 from ich_tune.errors import UserError
 from ich_tune.evaluation.metrics import compute_metrics
@@ -169,7 +169,7 @@ def set_up(cfg: ExperimentConfig, cache_path: Path, threads: int | None, warm_st
     torch.set_num_threads(cfg.train.threads or threads or len(os.sched_getaffinity(0)))
     seed_everything(cfg.seed, cfg.train.deterministic)
     placement = place(cfg.train)
-    splits = load_splits(cache_path, cfg.data, log.info)
+    splits = load_splits(cache_path, cfg.data)
     model = build_model(cfg.model, in_channels=input_channels(cfg.data))
     if cfg.model.init_from and warm_start:
         loaded = load_weights(model, Path(cfg.model.init_from).expanduser())

@@ -51,20 +51,20 @@ def neighbour_table(series_uids: np.ndarray, z: np.ndarray, valid: np.ndarray, k
     return table
 
 
-def stack(images: np.ndarray, rows: np.ndarray) -> np.ndarray:
+def stack_neighbours(images: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """[B, (2k+1) * C, S, S] from slices [N, C, S, S] and neighbour rows [B, 2k+1] into them."""
     picked = images[rows.ravel()]
     return picked.reshape(len(rows), -1, *picked.shape[2:])
 
 
 @dataclass
-class ContextCache(Cache):
+class NeighbourCache(Cache):
     """An opened cache that knows each slice's neighbours; the loader stacks them as channels."""
 
     neighbours: np.ndarray  # [N, 2k+1], from neighbour_table
 
 
-def with_context(cache: Cache, k: int) -> ContextCache:
+def with_neighbours(cache: Cache, k: int) -> NeighbourCache:
     """The cache with its neighbour table for context k, built once here."""
     table = neighbour_table(cache.series_uids, cache.z, cache.valid, k)
-    return ContextCache(**vars(cache), neighbours=table)
+    return NeighbourCache(**vars(cache), neighbours=table)

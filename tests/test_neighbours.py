@@ -9,7 +9,7 @@ import pytest
 
 from ich_tune.config.schema import DataConfig
 from ich_tune.data.cache import ensure_cache
-from ich_tune.data.context import input_channels, neighbour_table, stack
+from ich_tune.data.neighbours import input_channels, neighbour_table, stack_neighbours
 from ich_tune.errors import ConfigError
 from ich_tune.experiment import load_search
 from tests.conftest import ROOT
@@ -61,7 +61,7 @@ def test_nothing_usable_leaves_every_slice_alone():
 def test_stack_groups_channels_by_offset_each_holding_every_window():
     images = np.arange(4 * 3 * 2 * 2, dtype=np.uint8).reshape(4, 3, 2, 2)  # 4 slices, 3 windows
     rows = np.array([[1, 2, 3], [0, 0, 1]])
-    out = stack(images, rows)
+    out = stack_neighbours(images, rows)
     assert out.shape == (2, 9, 2, 2) and out.dtype == np.uint8
     for b in range(2):
         for group in range(3):
@@ -85,6 +85,6 @@ def test_context_is_searchable_and_bounded(tmp_path):
 
 def test_every_context_shares_one_cache(tiny_rsna, tmp_path):
     paths = {ensure_cache(DataConfig(root=str(tiny_rsna), cache_dir=str(tmp_path), full_size=64, lod=1,
-                                     context=k, max_bad_fraction=0.2, workers=1), tiny_rsna, lambda *_: None)
+                                     context=k, max_bad_fraction=0.2, workers=1), tiny_rsna)
              for k in (0, 2)}
     assert len(paths) == 1
