@@ -203,17 +203,37 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     # loaded by this verb only: the CLI starts without torch, Ray or MLflow
-    from ich_tune.evaluation.metrics import format_metrics
-    from ich_tune.predict.evaluate import evaluate_split
-    from ich_tune.tracking.references import load_trained
+    import numpy as np
 
-    model, config = load_trained(args.model, args.tracking_uri, args.config)
+    from ich_tune.evaluation.assess import assess, html_page
+    from ich_tune.evaluation.bootstrap import roc_bands
+    from ich_tune.evaluation.metrics import format_metrics
+    from ich_tune.evaluation.plots import reliability_diagram, roc_curves
+    from ich_tune.files import atomic
+    from ich_tune.predict.evaluate import predict_split
+    from ich_tune.tracking.references import load_model
+
+    trained = load_model(args.model, args.tracking_uri, args.config)
+    config, calibration = trained.config, trained.calibration
     if args.data_root:
         config.data.root = str(args.data_root)
-    metrics = evaluate_split(model, config, args.split, args.batch_size)
+    probs, labels, groups = predict_split(trained.model, config, args.split, args.batch_size)
+    assessment = assess(probs, labels, groups, args.split, calibration, args.resamples)
     what = "the validation split" if args.split == "val" else "all labelled slices"
     print(f"\n{args.model} on {what} of {config.data.root}:")
-    print(format_metrics(metrics))
+    print(format_metrics(assessment.metrics))
+    print("\n" + "\n".join(assessment.lines()))
+    if calibration is None:
+        print("(no calibration stored with this model: probabilities as the network gives them, no "
+              "operating points)")
+    if args.report:
+        scaled = calibration.apply(probs) if calibration else probs
+        bands = roc_bands(scaled, labels, groups, np.linspace(0.0, 1.0, 101))
+        figures = {"ROC curves with 95% bands": roc_curves(scaled, labels, bands),
+                   "reliability": reliability_diagram(probs, labels, scaled if calibration else None)}
+        with atomic(args.report) as partial:
+            partial.write_text(html_page(f"{args.model} on {what}", assessment, figures))
+        print(f"report: {args.report}")
     return 0
 
 
@@ -304,6 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data-root", type=Path, help="RSNA-layout folder (sets data.root)")
     evaluate.add_argument("--split", choices=("val", "all"), default="val",
                           help="val: the patients training held out (default); all: every labelled slice")
+    evaluate.add_argument("--resamples", type=int, default=1000,
+                          help="patient resamples of the bootstrap behind each 95%% interval (default 1000)")
+    evaluate.add_argument("--report", type=Path, metavar="F.html",
+                          help="also write a self-contained HTML report: metrics with intervals, operating "
+                               "points, calibration, ROC curves with bands, reliability diagrams")
     evaluate.set_defaults(func=cmd_evaluate)
 
     report = verbs.add_parser("report", help="the trials and best config of a search, from MLflow")

@@ -63,6 +63,7 @@ class TrialOutcome:
     config: dict | None = None
     history: list[dict] = field(default_factory=list)
     checkpoint: Checkpoint | None = None  # the best checkpoint, where Ray kept one (maybe in a bucket)
+    versus_best: str = ""  # tied, worse or better than the best by a paired bootstrap ("" if not compared)
 
 
 def checkpoint_uri(checkpoint: Checkpoint) -> str:
@@ -91,9 +92,10 @@ def table(outcomes: list[TrialOutcome], metric: str, mode: str) -> str:
     if not outcomes:
         return "(no trials)"
     params = sorted({key for t in outcomes for key in t.params})
-    header = ["trial", *params, "steps", f"best {metric}", "ended"]
+    compared = any(t.versus_best for t in outcomes)
+    header = ["trial", *params, "steps", f"best {metric}", *(["vs best"] if compared else []), "ended"]
     rows = [[t.trial_id, *(_cell(t.params.get(p)) for p in params), str(t.steps),
-             "-" if math.isnan(t.best) else f"{t.best:.4f}",
+             "-" if math.isnan(t.best) else f"{t.best:.4f}", *([t.versus_best or "-"] if compared else []),
              f"{t.status}: {t.message}" if t.message else t.status] for t in ranked(outcomes, mode)]
     widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()

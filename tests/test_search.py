@@ -13,7 +13,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from ich_tune.tracking.client import child_runs
-from ich_tune.tracking.tags import TAG_ENDED, TAG_RESTARTS, TAG_TRIAL_ID
+from ich_tune.tracking.tags import TAG_ENDED, TAG_RESTARTS, TAG_TRIAL_ID, TAG_VERSUS_BEST
 from tests.conftest import Cli, free_port, shared_cache
 from tests.conftest import write_space as shared_write_space
 from tests.test_failures import wait_for, worker_pid
@@ -71,7 +71,7 @@ def test_search_records_every_trial_and_the_best_model(optuna_search, tmp_path):
     import numpy as np
     import torch
 
-    from ich_tune.tracking.references import load_trained
+    from ich_tune.tracking.references import load_model, load_trained
     from ich_tune.training.loop import CHECKPOINT_FILE
 
     outcome = optuna_search
@@ -89,9 +89,17 @@ def test_search_records_every_trial_and_the_best_model(optuna_search, tmp_path):
     artifacts = {a.path for a in client.list_artifacts(outcome.parent_run_id)}
     assert {"trials.csv", "best", "search"} <= artifacts
     best_files = {Path(a.path).name for a in client.list_artifacts(outcome.parent_run_id, "best")}
-    assert best_files == {"weights.pt", "config.yaml", "examples.png", "roc.png", "curves.png"}
+    assert best_files == {"weights.pt", "config.yaml", "report.html", "examples.png", "roc.png",
+                          "reliability.png", "curves.png"}
     children = {c.data.tags[TAG_TRIAL_ID]: c for c in child_runs(client, outcome.parent_run_id)}
     assert children.keys() == {t.trial_id for t in outcome.trials}
+    metrics = parent.data.metrics
+    low, high = metrics["best_val_auc_any_ci_low"], metrics["best_val_auc_any_ci_high"]
+    assert low <= metrics["best_val_auc_any"] <= high
+    other = next(t for t in outcome.trials if t is not finished)
+    assert other.versus_best in ("tied", "worse", "better")
+    assert children[other.trial_id].data.tags[TAG_VERSUS_BEST] == other.versus_best
+    assert load_model(outcome.parent_run_id, outcome.tracking_uri).calibration is not None
     for trial in outcome.trials:
         child = children[trial.trial_id]
         assert child.info.status == "FINISHED" and child.data.tags[TAG_ENDED] == trial.status

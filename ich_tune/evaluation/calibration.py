@@ -9,7 +9,6 @@ is what the competition's log loss and a radiologist reading the number care abo
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import minimize_scalar
 
 from ich_tune.evaluation.metrics import PROB_CLIP
 
@@ -31,6 +30,9 @@ def apply_temperatures(probs: np.ndarray, temperatures: np.ndarray) -> np.ndarra
 def fit_temperatures(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Per class, the temperature that minimises the binary log loss of these (validation) slices; 1.0
     for a class with only one label present, where there is nothing to fit."""
+    # SciPy takes about half a second to import: only fitting pays it, not predict applying a calibration
+    from scipy.optimize import minimize_scalar
+
     logits, labels = logits_of(probs), np.asarray(labels, dtype=np.float64)
     temperatures = np.ones(logits.shape[1])
     for k in range(logits.shape[1]):

@@ -36,6 +36,7 @@ from ich_tune.search.run_folder import resolve_run_dir, run_lock
 from ich_tune.search.schedulers import make_scheduler
 from ich_tune.search.search_algs import make_search_alg, trial_count
 from ich_tune.search.signals import GracefulStop
+from ich_tune.search.ties import mark_ties
 from ich_tune.search.trial import TrialSettings, run_trial
 from ich_tune.tracking import client as tracking
 from ich_tune.tracking.callback import MlflowTrials
@@ -68,13 +69,13 @@ def run_search(search: Search, options: RunOptions) -> SearchOutcome:
 def _run(search: Search, options: RunOptions, run_dir: str, local: Path) -> SearchOutcome:
     """Resolve, check the data, data on every node, MLflow parent run, Tuner, fit, publish."""
     stores = tracking.resolve_stores(options.tracking_uri, search.config.tracking_uri, local)
-    log.info(stores.describe())
     uri = stores.tracking_uri
     experiment = resolve_experiment(search, options.data_root, uri, local)
     first = search.trial_experiment(search.first_values, experiment)
     budget = first.train.max_steps  # ASHA's max_t; load_search made sure there is one
     variants = data_variants(search, experiment)  # each node's caches, prepared once Ray is up
     resolve_root(first.data)  # missing data is one message before Ray starts
+    log.info(stores.describe())
 
     resources = start_cluster(search.config, options)
     data = DataOnNodes(variants, options.rescan)
@@ -236,6 +237,8 @@ def publish(search: Search, parent: ParentRun, trials: list[TrialOutcome], best:
     # the best trial's own data settings (a searched data.lod or channels may differ from the first
     # trial's) for its plots and the registry's fingerprint; already built where the driver's node ran trials
     cache = prepare_cache(build_experiment(best.config, {}).data) if best else None
+    if best is not None:
+        log.info(mark_ties(trials, best, config.metric, config.mode, cache))
     # a checkpoint may sit in a bucket: Ray fetches it into a local folder (or hands over its own)
     with best.checkpoint.as_directory() if best else contextlib.nullcontext() as folder:
         published = log_search_result(

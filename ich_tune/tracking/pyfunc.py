@@ -52,12 +52,11 @@ from ich_tune.data.loader import to_float
 from ich_tune.data.neighbours import neighbour_table, stack_neighbours
 from ich_tune.data.phantom import random_head
 from ich_tune.data.synthetic import Image, Study, write_dicom
+from ich_tune.evaluation.assess import Calibration
 from ich_tune.training.checkpoint import load_checkpoint
 
 if TYPE_CHECKING:
     import pandas as pd
-
-    from ich_tune.evaluation.assess import Calibration
 
 LOADER = __name__  # what MLmodel names as the loader_module
 EARLIER_LOADERS = ("ich_tune.mlflow_model",)  # this module's earlier name: --model still reads their weights
@@ -159,8 +158,6 @@ def _refuse(message: str) -> None:
 
 def _load_pyfunc(data_path: str) -> Classifier:
     """MLflow's entry point: the network from our own code, its weights and calibration from the file."""
-    from ich_tune.evaluation.assess import Calibration  # only here: it imports scipy, which predict skips
-
     saved = load_checkpoint(Path(data_path) / WEIGHTS_FILE)
     calibration = Calibration.from_dict(saved.calibration) if saved.calibration else None
     return Classifier(saved.build(), saved.input, calibration)

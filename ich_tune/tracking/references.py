@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,7 @@ from ich_tune.config.schema import ExperimentConfig
 from ich_tune.data.channels import parse_channels
 from ich_tune.data.neighbours import input_channels
 from ich_tune.errors import ConfigError, UserError
+from ich_tune.evaluation.assess import Calibration
 from ich_tune.experiment import build_experiment, load_experiment
 from ich_tune.models import build_model
 from ich_tune.tracking import pyfunc
@@ -67,6 +69,19 @@ def resolve_weights(spec: str, tracking_uri: str | None, dest: Path) -> tuple[Pa
 def load_trained(spec: str, tracking_uri: str | None,
                  config_path: Path | None = None) -> tuple[torch.nn.Module, ExperimentConfig]:
     """The trained network in eval mode and its experiment config (`config_path` overrides it)."""
+    trained = load_model(spec, tracking_uri, config_path)
+    return trained.model, trained.config
+
+
+@dataclass
+class Trained:
+    model: torch.nn.Module  # in eval mode
+    config: ExperimentConfig
+    calibration: Calibration | None  # fitted on validation when the search published it
+
+
+def load_model(spec: str, tracking_uri: str | None, config_path: Path | None = None) -> Trained:
+    """The trained network, its experiment config (`config_path` overrides it) and its calibration."""
     with tempfile.TemporaryDirectory(prefix="ich_tune-weights-") as tmp:
         weights, tree = resolve_weights(spec, tracking_uri, Path(tmp))
         checkpoint = load_checkpoint(weights)
@@ -81,7 +96,8 @@ def load_trained(spec: str, tracking_uri: str | None,
             config = _build(tree, spec)
         model = build_model(config.model, input_channels(config.data))
         load_state(model, checkpoint)
-    return model.eval(), config
+    calibration = Calibration.from_dict(checkpoint.calibration) if checkpoint.calibration else None
+    return Trained(model.eval(), config, calibration)
 
 
 def _from_path(path: Path) -> tuple[Path, dict | None]:

@@ -18,3 +18,4 @@ TAG_DESCRIPTION = "mlflow.note.content"  # what MLflow's UI shows as a run's des
 TAG_NODE = "ich_tune.node_id"  # the Ray node training a trial (it changes when a restart moves it)
 TAG_VALUE = "ich_tune.value"  # on a model version: the best value of the search's metric
 TAG_DATA = "ich_tune.data_fingerprint"  # ... and the fingerprint of the validation data (data/fingerprint.py)
+TAG_VERSUS_BEST = "ich_tune.versus_best"  # on a trial's run: tied, worse or better than the best (bootstrap)
