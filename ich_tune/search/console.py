@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from ray import tune
+from ray import cloudpickle, tune
 from ray.tune.utils import unflattened_lookup
 from rich.console import Console, Group
 from rich.live import Live
@@ -314,6 +314,8 @@ class LiveView(tune.Callback):
 
 
 def _error(trial: Any) -> str:
-    """The trial's latest exception, its first line (Ray keeps it in the trial's folder)."""
-    error = trial.get_pickled_error() or trial.get_error()
+    """The trial's latest exception, its first line. Ray writes it to the trial's folder on this node
+    before it calls the callbacks, and copies it to storage later."""
+    written = Path(trial.pickled_error_file or "")
+    error = cloudpickle.loads(written.read_bytes()) if written.is_file() else trial.get_error()
     return one_line(error)[:300] if error else "unknown error"
