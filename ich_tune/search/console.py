@@ -256,7 +256,8 @@ class LiveView(tune.Callback):
         return time.monotonic() - self.started
 
     def eta(self) -> float | None:
-        """The steps the search can still be expected to train, at the rate trained so far."""
+        """The seconds left: the steps the search can still be expected to train, at the rate its
+        trials have trained so far together."""
         rate = self.progressed / max(self.elapsed(), 1e-9)
         if rate <= 0:
             return None
@@ -268,7 +269,7 @@ class LiveView(tune.Callback):
         return steps / rate
 
     def log_file(self, trial: Any) -> str:
-        """The trial's log file in the run folder (Ray copies it there from the node that trains it)."""
+        """The trial's log file in the run folder, where Ray syncs the trial folders of this node."""
         return storage.join(self.plan.run_dir, Path(trial.path).name, TRIAL_LOG)
 
     def close(self) -> None:
