@@ -145,7 +145,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     search = load_search(args.file, [*args.overrides, *storage])
     options = RunOptions(data_root=args.data_root, address=args.address, resume=args.resume,
                          tracking_uri=args.tracking_uri, name=args.name, num_gpus=args.num_gpus,
-                         dashboard_port=args.dashboard_port, local_dir=args.local_dir, rescan=args.rescan)
+                         dashboard_port=args.dashboard_port, local_dir=args.local_dir, rescan=args.rescan,
+                         verbose=args.verbose)
     started = time.perf_counter()
     try:
         outcome = run_search(search, options)
@@ -303,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dashboard-port", type=int,
                      help="port of a local Ray's dashboard on 127.0.0.1 (default $ICH_TUNE_DASHBOARD_PORT "
                           "or 8265)")
+    run.add_argument("--verbose", action="store_true",
+                     help="everything as it comes: Ray's status tables, every trial's output, Ray's and "
+                          "MLflow's log lines (default: a live view of the trials; each trial's output in "
+                          "its folder's trial.log, Ray's and MLflow's lines in the run folder's driver.log)")
     run.set_defaults(func=cmd_run)
 
     predict = verbs.add_parser("predict", help="score every CT slice of a DICOM folder")

@@ -20,6 +20,7 @@ COMPLETED = (FINISHED, STOPPED_EARLY)  # trials whose checkpoints are models wor
 ENDED_KEY = "ended"  # in a trial's last result: DIVERGED or ERROR when the trial ended itself
 MESSAGE_KEY = "message"  # ... with the reason, one line
 NODE_KEY = "node_id"  # in each trial result: the Ray node that trained it
+TRIAL_LOG = "trial.log"  # in each trial's folder: everything its worker printed, tracebacks included
 URI_SCHEMES = {"gcs": "gs"}  # pyarrow's filesystem names whose URI scheme differs
 
 

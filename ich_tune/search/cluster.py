@@ -28,10 +28,10 @@ TOKEN_FILE = Path.home() / ".ray" / "auth_token"
 
 
 def start_ray(address: str | None = None, dashboard_port: int | None = None,
-              num_gpus: int | None = None) -> None:
+              num_gpus: int | None = None, log_to_driver: bool = True) -> None:
     """Join `address` (else $RAY_ADDRESS), or start a local Ray with its dashboard on 127.0.0.1 at
     `dashboard_port` (default DASHBOARD_PORT) declaring `num_gpus` logical GPUs, and say how to open the
-    dashboard.
+    dashboard. `log_to_driver`: Ray prints what its workers print on this console.
 
     Workers get the driver's telemetry settings (off unless the user turned them on), also on a
     cluster whose nodes were started without them.
@@ -47,7 +47,7 @@ def start_ray(address: str | None = None, dashboard_port: int | None = None,
                   "dashboard_port": dashboard_port or DASHBOARD_PORT, "num_gpus": num_gpus,
                   "runtime_env": {"env_vars": env}}
     try:
-        context = ray.init(**kwargs, log_to_driver=True)
+        context = ray.init(**kwargs, log_to_driver=log_to_driver)
     except (AuthenticationError, ConnectionError) as err:
         if refused_token(err):
             raise UserError(token_message(address or "the local cluster", err)) from None

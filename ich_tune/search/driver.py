@@ -2,8 +2,10 @@
 parent run, run the Tuner (fractional GPUs, a scheduler on training steps, grid or Optuna, resume) and
 publish the best trial.
 
-Each trial runs trial.py's function in a Ray worker. Every node prepares the data before its first
-trial (nodes.py); the driver alone talks to MLflow.
+Each trial runs trial.py's function in a Ray worker, its output in its own log file. Every node
+prepares the data before its first trial (nodes.py); the driver alone talks to MLflow. The console
+shows our lines and the live view of the trials (console.py); Ray's and MLflow's lines go to
+driver.log (driver_log.py), unless `run --verbose` asks for everything as it comes.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import dataclasses
 import logging
 import os
 import signal
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,11 +32,13 @@ from ich_tune.errors import Interrupted, UserError
 from ich_tune.experiment import Search, build_experiment
 from ich_tune.search import storage
 from ich_tune.search.cluster import start_ray
+from ich_tune.search.console import LiveView, Plan
+from ich_tune.search.driver_log import FILE_NAME, DriverLog
 from ich_tune.search.nodes import DataOnNodes, data_variants
 from ich_tune.search.options import RunOptions
 from ich_tune.search.results import SearchOutcome, summarize
 from ich_tune.search.run_folder import resolve_run_dir, run_lock
-from ich_tune.search.schedulers import make_scheduler
+from ich_tune.search.schedulers import make_scheduler, rungs
 from ich_tune.search.search_algs import make_search_alg, trial_count
 from ich_tune.search.signals import GracefulStop
 from ich_tune.search.ties import mark_ties
@@ -44,9 +49,11 @@ from ich_tune.tracking.importance import Importance, what_mattered
 from ich_tune.tracking.publish import log_search_result
 from ich_tune.tracking.references import RESOLVED_ARTIFACT, resolve_weights
 from ich_tune.tracking.tags import TAG_METRIC, TAG_MODE, TAG_SEARCH, TAG_SEARCH_FILE
-from ich_tune.trials import TrialOutcome, best_of
+from ich_tune.trials import TRIAL_LOG, TrialOutcome, best_of
 
 log = logging.getLogger(__name__)
+
+NEW_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"
 
 
 def run_search(search: Search, options: RunOptions) -> SearchOutcome:
@@ -63,10 +70,14 @@ def run_search(search: Search, options: RunOptions) -> SearchOutcome:
             raise UserError(f"--resume: {run_dir} holds no search state to resume.")
         if not options.resume and storage.exists(run_dir):
             raise UserError(f"{run_dir} exists already: add --resume to continue it, or pick another --name.")
-        return _run(search, options, run_dir, local)
+        if options.verbose:
+            return _run(search, options, run_dir, local, None)
+        with DriverLog() as library_log:
+            return _run(search, options, run_dir, local, library_log)
 
 
-def _run(search: Search, options: RunOptions, run_dir: str, local: Path) -> SearchOutcome:
+def _run(search: Search, options: RunOptions, run_dir: str, local: Path,
+         library_log: DriverLog | None) -> SearchOutcome:
     """Resolve, check the data, data on every node, MLflow parent run, Tuner, fit, publish."""
     stores = tracking.resolve_stores(options.tracking_uri, search.config.tracking_uri, local)
     uri = stores.tracking_uri
@@ -78,14 +89,18 @@ def _run(search: Search, options: RunOptions, run_dir: str, local: Path) -> Sear
     log.info(stores.describe())
 
     resources = start_cluster(search.config, options)
-    data = DataOnNodes(variants, options.rescan)
+    data = DataOnNodes(variants, options.rescan, capture=library_log is not None)
     data.prepare(resources)  # on every node that can run a trial, before any starts
     parent = ParentRun.open(search, experiment, run_dir, stores, local, options.resume)
-    say_where_to_look(search, parent, run_dir)
+    driver_log = driver_log_path(search, run_dir, local) if library_log else None
+    say_where_to_look(search, parent, run_dir, driver_log)
 
-    trainable = make_trainable(search, data, resources)
-    tuner = make_tuner(search, experiment, run_dir, trainable, parent, budget, options.resume)
-    trials = summarize(fit(tuner, parent, run_dir), search, budget)
+    trainable = make_trainable(search, data, resources, echo=options.verbose)
+    view = None if options.verbose else LiveView(plan_of(search, run_dir, budget))
+    tuner = make_tuner(search, experiment, run_dir, trainable, parent, budget, options.resume, view)
+    if library_log:
+        library_log.open(driver_log)  # Tune has made the run folder
+    trials = summarize(fit(tuner, parent, run_dir, view), search, budget)
     best = best_of(trials, search.config.mode)
     mattered = what_mattered(trials, search.dimensions, search.config.metric, search.config.mode)
     publish(search, parent, trials, best, mattered)
@@ -119,8 +134,9 @@ def resolve_init_from(tree: dict, tracking_uri: str, dest: Path) -> dict:
 
 
 def start_cluster(config: SearchConfig, options: RunOptions) -> dict[str, float]:
-    """Ray started or joined; what each trial asks of it ({cpu, gpu}), on CPU where it has no GPU."""
-    start_ray(options.address, options.dashboard_port, options.num_gpus)
+    """Ray started or joined; what each trial asks of it ({cpu, gpu}), on CPU where it has no GPU.
+    Ray forwards its workers' output to this console under --verbose only: trials write their own."""
+    start_ray(options.address, options.dashboard_port, options.num_gpus, log_to_driver=options.verbose)
     resources = {"cpu": config.resources.cpu, "gpu": config.resources.gpu}
     if resources["gpu"] and not ray.cluster_resources().get("GPU"):
         log.warning(f"warning: no GPU in this Ray cluster; trials run on CPU (resources.gpu "
@@ -160,8 +176,24 @@ class ParentRun:
         tracking.end_unfinished(self.client, self.run_id, status)
 
 
-def say_where_to_look(search: Search, parent: ParentRun, run_dir: str) -> None:
-    """Where to compare the trials while they run: MLflow's UI and TensorBoard."""
+def driver_log_path(search: Search, run_dir: str, local: Path) -> Path:
+    """driver.log in the run folder; for a bucket, in this machine's own folder."""
+    if storage.is_uri(run_dir):
+        return local / search.name / storage.name_of(run_dir) / FILE_NAME
+    return Path(run_dir) / FILE_NAME
+
+
+def plan_of(search: Search, run_dir: str, budget: int) -> Plan:
+    config = search.config
+    return Plan(metric=config.metric, mode=config.mode, budget=budget,
+                dimensions=[d.path for d in search.dimensions], total_trials=search.num_trials,
+                run_dir=run_dir, rungs=rungs(config, budget),
+                reduction_factor=config.scheduler.reduction_factor)
+
+
+def say_where_to_look(search: Search, parent: ParentRun, run_dir: str, driver_log: Path | None) -> None:
+    """Where to compare the trials while they run (MLflow's UI and TensorBoard), and where their logs
+    are."""
     log.info(f"MLflow: parent run {parent.run_id} in experiment '{search.name}'; compare trials: "
              f"{tracking.ui_hint(parent.uri, parent.experiment_id)}")
     if storage.is_uri(run_dir):  # TensorBoard reads local folders only
@@ -169,21 +201,25 @@ def say_where_to_look(search: Search, parent: ParentRun, run_dir: str) -> None:
                  "run tensorboard --logdir on it")
     else:
         log.info(f"TensorBoard: tensorboard --logdir {run_dir}")
+    where = f"; Ray's and MLflow's in {driver_log}" if driver_log else ""
+    log.info(f"logs: each trial's output in {TRIAL_LOG} in its folder{where}")
 
 
-def make_trainable(search: Search, data: DataOnNodes, resources: dict[str, float]):
-    """The trial function with what every trial needs, asking Ray for `resources` each."""
+def make_trainable(search: Search, data: DataOnNodes, resources: dict[str, float], echo: bool):
+    """The trial function with what every trial needs, asking Ray for `resources` each; `echo`: its
+    output reaches the console too."""
     config = search.config
     settings = TrialSettings(data=data, randomize_seed=config.randomize_seed,
                              threads=max(1, int(config.resources.cpu)), gpu_fraction=resources["gpu"],
                              metric=config.metric, mode=config.mode,
-                             dimensions=[d.path for d in search.dimensions])
+                             dimensions=[d.path for d in search.dimensions], echo=echo)
     return tune.with_resources(tune.with_parameters(run_trial, settings=settings), resources)
 
 
 def make_tuner(search: Search, experiment: dict, run_dir: str, trainable, parent: ParentRun, budget: int,
-               resume: bool) -> tune.Tuner:
-    """A new Tuner writing `run_dir`, or for --resume the one saved there."""
+               resume: bool, view: LiveView | None) -> tune.Tuner:
+    """A new Tuner writing `run_dir`, or for --resume the one saved there; `view` shows it (else Ray's
+    own status tables do, as under --verbose)."""
     # trials write their own TensorBoard logs (curves, HParams); Ray's default TensorBoard logger would
     # add a second HParams experiment with other names, and the dashboard shows one of the two at random.
     # Set for the whole process and left set: every search it runs wants the same, and the CSV and JSON
@@ -191,10 +227,20 @@ def make_tuner(search: Search, experiment: dict, run_dir: str, trainable, parent
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     if resume:
         log.info(f"resuming {run_dir}")
-        return tune.Tuner.restore(run_dir, trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(run_dir, trainable, resume_errored=True)
+        show_with(tuner._local_tuner.get_run_config(), view)
+        return tuner
     config = search.config
     dimensions = [d.path for d in search.dimensions]
     callback = MlflowTrials(parent.uri, parent.experiment_id, parent.run_id, budget, dimensions)
+    run_config = tune.RunConfig(
+        name=storage.name_of(run_dir), storage_path=storage.parent(run_dir),
+        callbacks=[callback, CSVLoggerCallback(), JsonLoggerCallback()],
+        checkpoint_config=tune.CheckpointConfig(
+            num_to_keep=config.keep_checkpoints, checkpoint_score_attribute=config.metric,
+            checkpoint_score_order=config.mode),
+        failure_config=tune.FailureConfig(max_failures=config.max_failures))
+    show_with(run_config, view)
     return tune.Tuner(
         trainable,
         param_space=to_param_space(experiment, search.dimensions),
@@ -202,32 +248,57 @@ def make_tuner(search: Search, experiment: dict, run_dir: str, trainable, parent
             metric=config.metric, mode=config.mode, num_samples=trial_count(search),
             scheduler=make_scheduler(config, budget), search_alg=make_search_alg(search, budget),
             max_concurrent_trials=config.max_concurrent_trials),
-        run_config=tune.RunConfig(
-            name=storage.name_of(run_dir), storage_path=storage.parent(run_dir),
-            callbacks=[callback, CSVLoggerCallback(), JsonLoggerCallback()],
-            verbose=1,  # status tables and trial starts and ends; per-result tables drown the logs
-            checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=config.keep_checkpoints, checkpoint_score_attribute=config.metric,
-                checkpoint_score_order=config.mode),
-            failure_config=tune.FailureConfig(max_failures=config.max_failures)),
+        run_config=run_config,
     )
 
 
-def fit(tuner: tune.Tuner, parent: ParentRun, run_dir: str) -> tune.ResultGrid:
+def show_with(run_config: tune.RunConfig, view: LiveView | None) -> None:
+    """`view` among the run's callbacks and Ray's status tables off, or without a view Ray's tables:
+    trial starts and ends and a status table now and then (per-result tables drown the logs).
+
+    Ray restores a resumed search's run config, callbacks included, from its saved state (reached
+    through the restored Tuner's own object, as Tuner.restore takes no callbacks): its view is
+    replaced by this run's, which follows this run's --verbose."""
+    kept = [callback for callback in run_config.callbacks or [] if not isinstance(callback, LiveView)]
+    run_config.callbacks = [*kept, view] if view else kept
+    run_config.verbose = 0 if view else 1
+
+
+def fit(tuner: tune.Tuner, parent: ParentRun, run_dir: str, view: LiveView | None) -> tune.ResultGrid:
     """The trials run; a search that fails or is stopped ends its parent run FAILED or KILLED, and a
-    signal's stop raises Interrupted once Tune has saved the search in `run_dir`."""
+    signal's stop raises Interrupted once Tune has saved the search in `run_dir`. The live view ends
+    with it, however it ends."""
     stop = GracefulStop()
     try:
-        with stop:
+        with stop, ray_tables_off() if view else contextlib.nullcontext():
             results = tuner.fit()
     except BaseException as err:
         parent.end_unfinished("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
+    finally:
+        if view:
+            view.close()
     if stop.signal is not None:
         parent.end_unfinished("KILLED")
         raise Interrupted(f"search stopped by {signal.Signals(stop.signal).name}; its state is saved in "
                           f"{run_dir}", stop.signal, run_dir)
     return results
+
+
+@contextlib.contextmanager
+def ray_tables_off() -> Iterator[None]:
+    """Ray Tune's output at verbose 0 without the table of the search's settings and the "View detailed
+    results here" line that its newer output engine prints at any verbosity: its older engine, which
+    RAY_AIR_NEW_OUTPUT=0 picks when `fit` starts, prints nothing at 0."""
+    previous = os.environ.get(NEW_OUTPUT_ENV)
+    os.environ[NEW_OUTPUT_ENV] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(NEW_OUTPUT_ENV)
+        else:
+            os.environ[NEW_OUTPUT_ENV] = previous
 
 
 def publish(search: Search, parent: ParentRun, trials: list[TrialOutcome], best: TrialOutcome | None,

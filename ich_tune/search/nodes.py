@@ -24,6 +24,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,8 @@ from ich_tune.data.prepare import prepare_cache
 from ich_tune.errors import ConfigError, UserError
 from ich_tune.experiment import Search
 from ich_tune.logs import to_stdout
+from ich_tune.search.driver_log import driver_log
+from ich_tune.search.worker_output import output_to
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +80,30 @@ class NodeCaches:
     node: str  # for messages: its address and the start of its id
     paths: dict[str, str]
     error: str | None = None
+    said: str = ""  # what preparing printed (ich_tune's own lines), where the driver asked for it
+    progress: str = ""  # ... and its stderr: progress bars, the libraries' warnings
 
 
 @ray.remote(num_cpus=0, max_retries=0)
-def _prepare_here(variants: list[DataConfig], cpus: int, rescan: bool) -> list[tuple[str, str]]:
+def _prepare_here(variants: list[DataConfig], cpus: int, rescan: bool,
+                  capture: bool) -> tuple[list[tuple[str, str]], str, str]:
     """Every cache on the node this task is pinned to, one after another, each with that node's cores
     (Ray's count, which a container's limit sets, unlike os.cpu_count) unless data.workers says;
-    `rescan` (run --rescan) checks every file of the data on each node.
+    `rescan` (run --rescan) checks every file of the data on each node. With `capture`, what it
+    prints comes back with the paths (stdout, stderr) instead of through Ray's forwarding.
 
     It asks Ray for no CPU: on a node that joined late, waiting trials already hold them all."""
-    to_stdout()  # what the build says goes to the task's output, which Ray forwards to the driver
+    to_stdout()  # what the build logs goes to this task's output
+    if not capture:
+        return _prepare(variants, cpus, rescan), "", ""
+    with tempfile.TemporaryDirectory(prefix="ich_tune-prepare-") as folder:
+        said, progress = Path(folder, "stdout"), Path(folder, "stderr")
+        with output_to(said, progress):
+            paths = _prepare(variants, cpus, rescan)
+        return paths, said.read_text(errors="replace"), progress.read_text(errors="replace")
+
+
+def _prepare(variants: list[DataConfig], cpus: int, rescan: bool) -> list[tuple[str, str]]:
     built = [prepare_cache(dataclasses.replace(data, workers=data.workers or cpus), rescan=rescan)
              for data in variants]
     return [(cache_identity(data), str(path)) for data, path in zip(variants, built, strict=True)]
@@ -99,8 +116,9 @@ class _Preparer:
     One per search, not shared by name: a handle that get_if_exists hands over does not keep a named
     actor alive, so a later search in the same process lost it when the first one's handles went."""
 
-    def __init__(self) -> None:
+    def __init__(self, capture: bool) -> None:
         self.runs: dict[tuple[str, str], ray.ObjectRef] = {}  # (node id, cache identity) -> its task
+        self.capture = capture  # preparing tasks return their output rather than print it
 
     async def ready(self, node_id: str, variants: list[DataConfig], rescan: bool) -> NodeCaches:
         node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
@@ -109,27 +127,32 @@ class _Preparer:
         if missing:
             there = NodeAffinitySchedulingStrategy(node_id, soft=False)
             cpus = max(1, int(node["Resources"].get("CPU", 1)))
-            run = _prepare_here.options(scheduling_strategy=there).remote(missing, cpus, rescan)
+            run = _prepare_here.options(scheduling_strategy=there).remote(missing, cpus, rescan, self.capture)
             self.runs |= {(node_id, cache_identity(data)): run for data in missing}
-        paths: dict[str, str] = {}
+        caches = NodeCaches(name, {})
         for run in {self.runs[node_id, cache_identity(data)] for data in variants}:
             try:
-                paths |= dict(await run)
+                paths, said, progress = await run
             except ray.exceptions.RayError as err:  # the task's own error, or its node or worker died
                 # forgotten, so that the next ask prepares again once the cause (a full disk, a missing
                 # mount) is fixed, instead of failing every later trial on this node
                 self.runs = {key: other for key, other in self.runs.items() if other != run}
                 cause = getattr(err, "cause", None) or err
                 return NodeCaches(name, {}, str(cause).strip().splitlines()[0])
-        return NodeCaches(name, paths)
+            caches.paths |= dict(paths)
+            caches.said += said
+            caches.progress += progress
+        return caches
 
 
 class DataOnNodes:
     """The handle trials get (through tune.with_parameters) to the coordinator of every node's caches."""
 
-    def __init__(self, variants: list[DataConfig], rescan: bool = False) -> None:
+    def __init__(self, variants: list[DataConfig], rescan: bool = False, capture: bool = False) -> None:
+        """`capture`: what preparing prints comes to the driver's log (the node's progress bars to its
+        log file) instead of through Ray's forwarding of worker output, which is off then."""
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self.preparer = _Preparer.options(scheduling_strategy=here).remote()
+        self.preparer = _Preparer.options(scheduling_strategy=here).remote(capture)
         self.variants = variants
         self.rescan = rescan  # each node checks every file of its data once, when it is prepared
 
@@ -152,6 +175,10 @@ class DataOnNodes:
         for caches in ray.get(asks):
             if caches.error:
                 raise UserError(f"data on node {caches.node}: {caches.error}")
+            for line in caches.said.splitlines():
+                log.info(line)
+            if caches.progress:
+                driver_log().info(f"data on node {caches.node}:\n{caches.progress.rstrip()}")
             log.info(f"data: node {caches.node} ready: {', '.join(sorted(set(caches.paths.values())))}")
 
     def cache_for(self, data: DataConfig) -> Path:

@@ -17,3 +17,4 @@ class RunOptions:
     dashboard_port: int | None = None  # default cluster.DASHBOARD_PORT
     local_dir: Path | None = None  # the driver's own files when storage is a URI; default ~/.cache/ich_tune
     rescan: bool = False  # every node checks every file of each data variant rather than trusting its caches
+    verbose: bool = False  # Ray's tables and log lines, MLflow's, and the trials' output on the console

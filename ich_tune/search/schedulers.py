@@ -21,3 +21,13 @@ def make_scheduler(config: SearchConfig, budget: int) -> TrialScheduler:
                                   min_time_slice=math.inf)
     return ASHAScheduler(time_attr="step", max_t=budget, grace_period=config.scheduler.grace_period,
                          reduction_factor=config.scheduler.reduction_factor)
+
+
+def rungs(config: SearchConfig, budget: int) -> list[float]:
+    """The steps at which ASHA compares a trial with its peers and stops the worse ones, lowest first,
+    as Ray's ASHA places them (below the budget); none for the other schedulers."""
+    if config.scheduler.name != "asha":
+        return []
+    grace, factor = config.scheduler.grace_period, config.scheduler.reduction_factor
+    count = int(math.log(budget / grace) / math.log(factor) + 1)
+    return [grace * factor**k for k in range(count) if grace * factor**k < budget]

@@ -1,5 +1,5 @@
 """The trial function: what one Ray worker runs for one trial, the training loop with Tune's
-`report` plugged in."""
+`report` plugged in. Everything the worker prints goes to trial.log in its trial folder."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,9 @@ from ray.tune.utils import unflattened_lookup
 from ich_tune.experiment import build_experiment
 from ich_tune.logs import to_stdout
 from ich_tune.search.nodes import DataOnNodes
+from ich_tune.search.worker_output import output_to
 from ich_tune.training.loop import TrainingFailed, train, write_hparams
-from ich_tune.trials import ENDED_KEY, MESSAGE_KEY, NODE_KEY, one_line, worst
+from ich_tune.trials import ENDED_KEY, MESSAGE_KEY, NODE_KEY, TRIAL_LOG, one_line, worst
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +40,23 @@ class TrialSettings:
     metric: str
     mode: str
     dimensions: list[str]  # the searched keys, dotted
+    echo: bool  # run --verbose: the worker's output also goes where Ray forwards it to the driver
 
 
 def run_trial(config: dict, settings: TrialSettings) -> None:
-    """One trial: the training loop, reporting each validation and checkpoint to Ray Tune."""
-    to_stdout()  # a worker process of its own: its lines reach the driver through its stdout
-    cfg = build_experiment(config, {})
+    """One trial, its output appended to trial.log in its folder (a restart adds to it)."""
     context = tune.get_context()
     trial_dir = Path(context.get_trial_dir())
+    with output_to(trial_dir / TRIAL_LOG, echo=settings.echo):
+        to_stdout()  # a worker process of its own: its lines go to its stdout
+        log.info(f"--- trial {context.get_trial_id()}: worker pid {os.getpid()}, "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+        _train_trial(config, settings, context, trial_dir)
+
+
+def _train_trial(config: dict, settings: TrialSettings, context, trial_dir: Path) -> None:
+    """The training loop, reporting each validation and checkpoint to Ray Tune."""
+    cfg = build_experiment(config, {})
     (trial_dir / PID_FILE).write_text(f"{os.getpid()}\n")
     if settings.randomize_seed:  # stable across retries of the same trial
         cfg.seed = zlib.crc32(context.get_trial_id().encode())

@@ -25,7 +25,16 @@ from ich_tune.tracking.tags import (
     TAG_TRIAL_ID,
 )
 from ich_tune.training.checkpoint import EXAMPLES_FILE
-from ich_tune.trials import COMPLETED, ENDED_KEY, ERROR, MESSAGE_KEY, NODE_KEY, how_it_ended, one_line
+from ich_tune.trials import (
+    COMPLETED,
+    ENDED_KEY,
+    ERROR,
+    MESSAGE_KEY,
+    NODE_KEY,
+    TRIAL_LOG,
+    how_it_ended,
+    one_line,
+)
 
 
 def trial_run_name(config: dict, dimensions: list[str]) -> str:
@@ -102,6 +111,7 @@ class MlflowTrials(tune.Callback):
         ended, _ = how_it_ended(trial.last_result or {}, self.budget)
         if ENDED_KEY not in (trial.last_result or {}):  # a trial that gave up has its tags already
             self.client.log_batch(run_id, tags=[RunTag(TAG_ENDED, ended)])
+        self._log_output(run_id, trial)
         self.client.set_terminated(run_id, "FINISHED" if ended in COMPLETED else "FAILED")
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -113,7 +123,16 @@ class MlflowTrials(tune.Callback):
         run_id = self.runs[trial.trial_id]
         self.client.log_batch(run_id, tags=[RunTag(TAG_ENDED, ERROR),
                                             RunTag(TAG_MESSAGE, _last_error(trial))])
+        self._log_output(run_id, trial)
         self.client.set_terminated(run_id, "FAILED")
+
+    def _log_output(self, run_id: str, trial: Any) -> None:
+        """The trial's own output (its trial.log) as an artifact of its run, where the trial trained on
+        this node: its folder here, whatever the storage (a bucket's copy is Ray's to sync). A trial
+        trained on another node keeps its log in its folder there and in the run folder."""
+        output = Path(trial.local_path) / TRIAL_LOG
+        if output.is_file():
+            self.client.log_artifact(run_id, str(output))
 
 
 def _last_error(trial: Any) -> str:
