@@ -18,6 +18,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+# ich_tune's data modules, numpy and torch are imported inside the functions: the CLI imports every
+# bench for its arguments, and at the top they would slow the start of every command.
+
 if TYPE_CHECKING:
     from ich_tune.config.schema import DataConfig
 

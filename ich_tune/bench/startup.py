@@ -26,6 +26,9 @@ import numpy as np
 
 from ich_tune.files import atomic
 
+# ich_tune's data modules and pydicom are imported inside the functions: the CLI imports every bench
+# for its arguments, and at the top they would slow the start of every command.
+
 RSNA_SLICES = 752_807
 SLICES_PER_STUDY = 40
 PHASES = ("cache", "splits", "loader")  # prepare_cache, load_splits, TrainBatches

@@ -14,6 +14,7 @@ from ich_tune.data.cache import ensure_cache, open_cache
 from ich_tune.data.neighbours import NeighbourCache, with_neighbours
 from ich_tune.data.rsna import LABELS_CSV
 from ich_tune.data.split import describe_split, group_codes, patient_groups, split_by_group
+from ich_tune.data.synthetic import generate
 from ich_tune.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,6 @@ def resolve_root(cfg: DataConfig) -> Path:
         raise DataError(f"{root}: no {LABELS_CSV} there. Point data.root (or --data-root) at the "
                         "Kaggle RSNA folder, or write synthetic data with `python -m ich_tune demo-data "
                         f"--out {root}`.")
-    from ich_tune.data.synthetic import generate
-
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(root.parent / f".{root.name}.lock"):
         if not (root / LABELS_CSV).is_file():
