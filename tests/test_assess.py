@@ -37,7 +37,7 @@ def test_operating_points_reach_their_target_on_validation_and_report_test_with_
     assert tested.threshold == calibration.thresholds["youden"][5]
     assert tested.sensitivity_ci[0] <= tested.sensitivity <= tested.sensitivity_ci[1]
     lines = "\n".join(on_test.lines())
-    assert "auc_any" in lines and "[" in lines and "sensitivity threshold" in lines
+    assert "AUC mean" in lines and "[" in lines and "sensitivity threshold" in lines
     metrics = on_test.mlflow_metrics("test_")
     assert metrics["test_auc_any_ci_low"] <= metrics["test_auc_any"] <= metrics["test_auc_any_ci_high"]
     assert "test_sensitivity_any_at_youden" in metrics

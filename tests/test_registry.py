@@ -8,6 +8,7 @@ leaves its starting point and so ends with the higher (worse) validation log los
 
 import contextlib
 import io
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -84,6 +85,7 @@ def served(ray_cluster, tiny_rsna, tmp_path_factory):
             yield Served(url, first, second)
         finally:
             mlflow.set_tracking_uri(before)
+            os.environ.pop("MLFLOW_TRACKING_URI", None)  # set_tracking_uri exports it; the tests after choose
 
 
 def model_id(searched: Searched) -> str:

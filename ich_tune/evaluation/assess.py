@@ -93,19 +93,23 @@ class Assessment:
 
     def lines(self) -> list[str]:
         """The console summary: headline metrics with intervals, calibration, operating points of any."""
+        shown = {name: with_interval(self.metrics[name], self.intervals.get(name)) for name in HEADLINE}
         out = [f"{self.split}: {self.slices} slices of {self.patients} patients; 95% intervals from "
-               f"{self.resamples} patient resamples"]
-        for name in HEADLINE:
-            out.append(f"  {name:22}{with_interval(self.metrics[name], self.intervals.get(name))}")
+               f"{self.resamples} patient resamples",
+               f"  accuracy {shown['accuracy']} (all-negative {shown['accuracy_baseline']}), any "
+               f"{shown['accuracy_any']}",
+               f"  AUC mean {shown['auc_mean']}, any {shown['auc_any']}; sensitivity(any) "
+               f"{shown['sensitivity_any']}, specificity(any) {shown['specificity_any']} at 0.5",
+               f"  log loss {shown['log_loss']}"]
         if self.ece_after is not None:
-            out.append(f"  log loss before/after temperature scaling: {self.log_loss_before:.4f} -> "
-                       f"{self.metrics['log_loss']:.4f}; ECE(any) {self.ece_before[-1]:.3f} -> "
-                       f"{self.ece_after[-1]:.3f}")
-        for point in self.operating:
-            if point.label == "any":
-                out.append(f"  any at {point.rule} threshold {point.threshold:.3f}: sensitivity "
-                           f"{with_interval(point.sensitivity, point.sensitivity_ci)}, specificity "
-                           f"{with_interval(point.specificity, point.specificity_ci)}")
+            out[-1] += (f" ({self.log_loss_before:.4f} before temperature scaling); ECE(any) "
+                        f"{self.ece_before[-1]:.3f} -> {self.ece_after[-1]:.3f}")
+        points = [p for p in self.operating if p.label == "any"]
+        if points:
+            out.append("  any at " + "; at ".join(
+                f"{p.rule} threshold {p.threshold:.3f}: sensitivity "
+                f"{with_interval(p.sensitivity, p.sensitivity_ci)}, specificity "
+                f"{with_interval(p.specificity, p.specificity_ci)}" for p in points))
         return out
 
     def mlflow_metrics(self, prefix: str) -> dict[str, float]:
