@@ -228,6 +228,8 @@ def make_tuner(search: Search, experiment: dict, run_dir: str, trainable, parent
     if resume:
         log.info(f"resuming {run_dir}")
         tuner = tune.Tuner.restore(run_dir, trainable, resume_errored=True)
+        # Tuner.restore takes no callbacks: the restored run config gets this run's view through Ray's
+        # private _local_tuner (read in Ray 2.60; Tuner has no public accessor for its run config)
         show_with(tuner._local_tuner.get_run_config(), view)
         return tuner
     config = search.config
