@@ -306,7 +306,9 @@ def write_hparams(folder: Path, values: dict[str, Any]) -> None:
     validation scalars the training loop writes to the same folder, so stopped trials show too."""
     plain = {k: v if isinstance(v, (bool, str, int, float)) else str(v) for k, v in values.items()}
     experiment, session_start, _ = hparams(plain, dict.fromkeys(HPARAM_METRICS, 0.0))
-    with SummaryWriter(str(folder)) as writer:
+    # its own file name: an event file is named by the second it was opened in, and the training loop's
+    # writer, opened within that second, would otherwise reopen the same file and truncate this one
+    with SummaryWriter(str(folder), filename_suffix=".hparams") as writer:
         writer.file_writer.add_summary(experiment)
         writer.file_writer.add_summary(session_start)
 
