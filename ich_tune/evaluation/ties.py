@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from ich_tune.evaluation import bootstrap
+from ich_tune.evaluation.metrics import compute_metrics
 
 TIED, WORSE, BETTER = "tied", "worse", "better"
 
@@ -17,17 +18,16 @@ def compare_with_best(best: np.ndarray, others: dict[str, np.ndarray], labels: n
     """For each other model (its probabilities on the same slices): the difference of `metric` (other -
     best), its 95% interval, and whether it is tied (the interval holds 0), worse or better."""
     codes, counts = bootstrap.patient_counts(groups, resamples, seed)
-    everyone = np.ones((1, counts.shape[1]))  # the set itself, each patient once
 
-    def measured(probs: np.ndarray, draws: np.ndarray) -> np.ndarray:
-        return bootstrap.resampled_metrics(probs, labels, codes, draws)[metric]
+    def measured(probs: np.ndarray) -> np.ndarray:
+        return bootstrap.resampled_metrics(probs, labels, codes, counts)[metric]
 
-    reference, whole = measured(best, counts), measured(best, everyone)[0]
+    reference, whole = measured(best), compute_metrics(best, labels)[metric]
     sign = 1.0 if mode == "max" else -1.0
     verdicts = {}
     for name, probs in others.items():
-        low, high = bootstrap.intervals({metric: measured(probs, counts) - reference})[metric]
-        value = measured(probs, everyone)[0] - whole
+        low, high = bootstrap.intervals({metric: measured(probs) - reference})[metric]
+        value = compute_metrics(probs, labels)[metric] - whole
         better, worse = sign * low > 0, sign * high < 0
         verdicts[name] = (float(value), (low, high), BETTER if better else WORSE if worse else TIED)
     return verdicts
